@@ -1,0 +1,250 @@
+"""The one typed run configuration: YAML in, validated, with `--set a.b=value` overrides.
+
+Every key is declared here with its default, so this file is also the reference of what can be
+configured. Validation is pydantic's; this module turns its errors into messages that name the
+key path, what was expected and, for an unknown key, the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override: the message says what is wrong and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSettings(_Section):
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="module names LoRA wraps, or 'all-linear'",
+    )
+
+
+class ModelSettings(_Section):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="a local model folder, a Hugging Face hub id, or the embedded default 'smollm2-135m-instruct'",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = float32 on CPU, bfloat16 on GPU"
+    )
+    load_in_4bit: bool = Field(False, description="4-bit NF4 base weights via bitsandbytes (CUDA only)")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    chat_template: str | None = Field(None, description="a Jinja chat template (text or file path) replacing the model's")
+
+
+class EnvSettings(_Section):
+    name: str = Field("household", description="'household' (built-in) or a plugin 'module.path:ClassName'")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the environment class")
+    train_split: str = "train"
+    eval_split: str = "test"
+
+
+class RolloutSettings(_Section):
+    group_size: int = Field(8, ge=2, description="G: episodes per task; advantages are normalised within a group")
+    tasks_per_step: int = Field(4, ge=1, description="tasks per rollout batch (each played group_size times)")
+    max_turns: int | None = Field(None, ge=1, description="turn limit per episode; default: the environment's")
+    history_turns: int = Field(2, ge=0, description="H: past (observation, action) pairs shown in each prompt")
+    max_new_tokens: int = Field(128, ge=1, description="response tokens per turn")
+    max_prompt_tokens: int = Field(2048, ge=16, description="longer prompts are cut from the left")
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    invalid_action_penalty: float = Field(0.1, ge=0.0, description="subtracted from an invalid turn's reward")
+    action_pattern: str = Field(r"<action>(.*?)</action>", description="regex whose group 1 is the action")
+    system_prompt: str | None = Field(None, description="system message; None keeps the chat template's default")
+    prompt_template: str | None = Field(
+        None,
+        description="user-message template with {task}, {history}, {step}, {observation}, {actions}; None: the default",
+    )
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _known_placeholders(cls, template: str | None) -> str | None:
+        if template is not None:
+            from .prompts import check_template
+
+            check_template(template)
+        return template
+
+    @field_validator("action_pattern")
+    @classmethod
+    def _one_group(cls, pattern: str) -> str:
+        try:
+            compiled = re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"not a valid regular expression: {err}") from None
+        if compiled.groups < 1:
+            raise ValueError("needs a capturing group around the action, e.g. <action>(.*?)</action>")
+        return pattern
+
+
+class AlgorithmSettings(_Section):
+    name: Literal["sdar", "grpo", "grpo_opsd", "opsd"] = Field(
+        "sdar",
+        description="sdar: GRPO + gated self-distillation; grpo: no distillation; "
+        "grpo_opsd: constant gate (beta 0); opsd: distillation only, no RL term",
+    )
+    sdar_coef: float = Field(0.01, ge=0.0, description="lambda: weight of the SDAR term")
+    gate_beta: float = Field(5.0, ge=0.0, description="beta: sharpness of the sigmoid gate")
+    kl_coef: float = Field(0.01, ge=0.0, description="weight of KL(actor || reference), k3 estimator")
+    entropy_coef: float = Field(0.001, ge=0.0, description="entropy bonus weight")
+    clip_eps: float = Field(0.2, gt=0.0, description="PPO clip range")
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"] = Field(
+        "dapo", description="TRL loss aggregation; dapo = token-mean over the rollout batch (the official one)"
+    )
+    advantage_norm: Literal["group", "episode"] = Field(
+        "group", description="group: over all turn-samples of the group (official); episode: over episode rewards"
+    )
+    sdar_aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+
+
+class TeacherSettings(_Section):
+    weights: Literal["live", "base"] = Field(
+        "live", description="live: adapter on (current policy, official); base: adapter off (frozen base)"
+    )
+    context_template: str = Field(
+        "[Privileged Skill Information]\n{context}\n\n",
+        description="text put before the student prompt for the teacher; {context} is the privileged context",
+    )
+
+
+class TrainSettings(_Section):
+    max_steps: int = Field(150, ge=1, description="rollout-and-update steps")
+    save_steps: int = Field(25, ge=1, description="write a checkpoint every N steps (and at the end)")
+    seed: int = 0
+    learning_rate: float = Field(1e-5, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    micro_batches: int = Field(
+        1, ge=1, description="gradient-accumulation micro-steps per update (bounds activation memory)"
+    )
+    logprob_batch_size: int = Field(16, ge=1, description="rows per forward pass in no-grad log-prob passes")
+    gradient_checkpointing: bool = False
+    max_nonfinite_updates: int = Field(3, ge=1, description="stop (with a checkpoint) after this many in a row")
+    report_to: list[Literal["tensorboard", "trackio", "wandb"]] = Field(default_factory=list)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class OutputSettings(_Section):
+    dir: str = Field("runs/sdar", description="run directory")
+    save_gates: bool = Field(True, description="write gates/step-N.jsonl with per-token gate records")
+    save_total_limit: int | None = Field(None, ge=1, description="keep only the newest N checkpoints")
+
+
+class RunConfig(_Section):
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    env: EnvSettings = Field(default_factory=EnvSettings)
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+    algorithm: AlgorithmSettings = Field(default_factory=AlgorithmSettings)
+    teacher: TeacherSettings = Field(default_factory=TeacherSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+
+    @model_validator(mode="after")
+    def _micro_batches_divide_episodes(self) -> RunConfig:
+        episodes = self.rollout.tasks_per_step * self.rollout.group_size
+        if episodes % self.train.micro_batches:
+            raise ValueError(
+                f"train.micro_batches ({self.train.micro_batches}) must divide rollout.tasks_per_step x "
+                f"rollout.group_size ({episodes})"
+            )
+        return self
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.algorithm.name != "grpo" and self.algorithm.sdar_coef > 0
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (None: all defaults), apply `a.b=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file not found: {path}. Pass the path of a YAML file, e.g. examples/quickstart.yaml.")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (model:, env:, ...), not {type(loaded).__name__}.")
+        raw = loaded
+    for override in overrides or []:
+        apply_override(raw, override)
+    return validate_config(raw)
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (8 -> int, [a, b] -> list)."""
+    key, sep, value_text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects KEY=VALUE, e.g. --set train.max_steps=10; got {override!r}.")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError:
+        value = value_text
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{part}' is a value, not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate_config(raw: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def _describe(err: ValidationError) -> str:
+    lines = ["Invalid configuration:"]
+    for problem in err.errors():
+        loc = [str(part) for part in problem["loc"]]
+        key = ".".join(loc)
+        if not loc:
+            lines.append(f"  - {problem['msg'].removeprefix('Value error, ')}.")
+        elif problem["type"] == "extra_forbidden":
+            valid = _fields_at(loc[:-1])
+            close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+            hint = f" Did you mean '{'.'.join(loc[:-1] + close)}'?" if close else ""
+            lines.append(f"  - unknown key '{key}'.{hint} Valid keys here: {', '.join(valid)}.")
+        else:
+            got = problem.get("input")
+            lines.append(f"  - {key}: {problem['msg'].removeprefix('Value error, ')} (got {got!r}).")
+    return "\n".join(lines)
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)

@@ -1,0 +1,55 @@
+"""Environments: the protocol (base.py), the built-in ones, and plugin loading by import path."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from .base import Environment, Observation, Task
+
+__all__ = ["BUILTIN_ENVIRONMENTS", "Environment", "EnvironmentConfigError", "Observation", "Task", "environment_factory"]
+
+#: name in the config -> "module:Class" of the environments that ship with sdar
+BUILTIN_ENVIRONMENTS = {"household": "sdar_cli.envs.builtin:HouseholdEnv"}
+
+
+class EnvironmentConfigError(ValueError):
+    """The configured environment cannot be created; the message says how to fix it."""
+
+
+def environment_factory(name: str, kwargs: dict[str, Any]) -> Callable[[], Environment]:
+    """A zero-argument callable that builds a fresh, independent environment object each call.
+
+    `name` is a built-in name ('household') or a plugin 'module.path:ClassName'. One object is built
+    here, so a wrong class or wrong keyword arguments fail before training starts.
+    """
+    target = BUILTIN_ENVIRONMENTS.get(name, name)
+    module_name, sep, class_name = target.partition(":")
+    if not sep or not module_name or not class_name:
+        raise EnvironmentConfigError(
+            f"env.name '{name}' is neither a built-in environment ({', '.join(BUILTIN_ENVIRONMENTS)}) nor a plugin "
+            "path of the form 'module.path:ClassName'."
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise EnvironmentConfigError(f"env.name '{name}': cannot import module '{module_name}': {err}") from None
+    cls = getattr(module, class_name, None)
+    if not (inspect.isclass(cls) and issubclass(cls, Environment)):
+        raise EnvironmentConfigError(
+            f"env.name '{name}': '{class_name}' in module '{module_name}' must be a subclass of "
+            "sdar_cli.envs.base.Environment."
+        )
+
+    def make() -> Environment:
+        return cls(**kwargs)
+
+    try:
+        make()
+    except TypeError as err:
+        raise EnvironmentConfigError(f"env.kwargs do not fit {class_name}: {err}") from None
+    except ValueError as err:
+        raise EnvironmentConfigError(f"env.kwargs rejected by {class_name}: {err}") from None
+    return make

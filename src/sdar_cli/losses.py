@@ -1,0 +1,93 @@
+"""The math of SDAR as small pure functions over tensors (no project imports).
+
+Notation, per response token y_t of one turn (see docs: method):
+    S_t = log pi_theta(y_t | s, y_<t)          student log-prob, carries the gradient
+    T_t = log pi_teacher(y_t | s+, y_<t)       teacher log-prob under the privileged prompt s+, no gradient
+    D_t = T_t - sg(S_t)                        teacher-student gap
+    g_t = sg(sigmoid(beta * D_t))              gate
+    l_t = g_t * (sg(T_t) - S_t)                per-token SDAR term;  d l_t = -g_t * d S_t
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages over the turn-samples of each group.
+
+        A_i = (r_i - mean_{j in g(i)} r_j) / (std_{j in g(i)} r_j + eps)
+
+    `std` is the unbiased sample standard deviation (torch.std), as in the official code. A group
+    with a single sample, or whose rewards are all equal, carries no signal and gets advantage 0
+    (exactly: computed in float64, so rounding in the mean is not blown up by 1 / eps).
+    """
+    rewards = rewards.double()
+    advantages = torch.zeros_like(rewards)
+    for group in torch.unique(group_ids):
+        members = group_ids == group
+        advantages[members] = _standardise(rewards[members], rewards[members], eps)
+    return advantages.float()
+
+
+def _standardise(values: torch.Tensor, population: torch.Tensor, eps: float) -> torch.Tensor:
+    """(values - mean(population)) / (std(population) + eps); 0 where the population has no spread."""
+    if population.numel() < 2 or bool((population == population[0]).all()):
+        return torch.zeros_like(values)
+    return (values - population.mean()) / (population.std() + eps)
+
+
+def episode_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    episode_ids: torch.Tensor,
+    episode_returns: torch.Tensor,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Advantages whose baseline counts each episode once, however many turns it had.
+
+        A_i = (r_i - mean_e R_e) / (std_e R_e + eps),  e over the episodes of i's group
+
+    `episode_returns[i]` is the outcome reward of sample i's episode; `rewards[i]` is sample i's
+    own reward (the outcome plus its turn's invalid-action penalty).
+    """
+    rewards = rewards.double()
+    advantages = torch.zeros_like(rewards)
+    for group in torch.unique(group_ids):
+        members = group_ids == group
+        _, first = _first_occurrences(episode_ids[members])
+        returns = episode_returns[members][first].double()
+        advantages[members] = _standardise(rewards[members], returns, eps)
+    return advantages.float()
+
+
+def _first_occurrences(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    unique, inverse = torch.unique(values, return_inverse=True)
+    first = torch.full((unique.numel(),), values.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(values.numel()), reduce="amin")
+    return unique, first
+
+
+def sdar_gate(teacher_logps: torch.Tensor, student_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """g_t = sg(sigmoid(beta * (T_t - sg(S_t)))). beta = 0 gives the constant gate 0.5 (naive OPSD)."""
+    with torch.no_grad():
+        return torch.sigmoid(beta * (teacher_logps.detach() - student_logps.detach()))
+
+
+def sdar_token_loss(teacher_logps: torch.Tensor, student_logps: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """l_t = g_t * (sg(T_t) - S_t): a gated log-likelihood boost of the agent's own tokens.
+
+    Its gradient is -g_t * dS_t, so tokens the teacher endorses (g near 1) are pushed up and tokens it
+    rejects (g near 0) are left alone; nothing is pushed down.
+    """
+    return gate.detach() * (teacher_logps.detach() - student_logps)
+
+
+def masked_token_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of values over the masked tokens (the numerator of a token-mean)."""
+    return (values * mask).sum()
+
+
+def masked_sequence_means(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row mean over masked tokens; rows with no tokens give 0."""
+    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)

@@ -1,0 +1,98 @@
+"""Turn prompts and action parsing: pure functions over text.
+
+Each turn's user message = task + the last H (observation, action) pairs + the current observation
++ the admissible actions, rendered through the model's chat template. The teacher sees the same
+templated prompt with the privileged context put in front of it (official SDAR), so the prompt
+tokens after the prefix and the response tokens are the student's, unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+DEFAULT_PROMPT_TEMPLATE = (
+    "You are an expert agent operating in a text-based environment.\n"
+    "{task}\n"
+    "{history}"
+    "You are now at step {step} and your current observation is: {observation}\n"
+    "Your admissible actions of the current situation are: [{actions}].\n\n"
+    "Now it's your turn to take an action. You should first reason step-by-step about the current situation. "
+    "This reasoning process MUST be enclosed within <think> </think> tags. Once you've finished your reasoning, "
+    "you should choose an admissible action for current step and present it within <action> </action> tags."
+)
+
+TEMPLATE_FIELDS = ("task", "history", "step", "observation", "actions")
+
+
+def check_template(template: str) -> None:
+    """Raise ValueError naming any placeholder the template uses that is not one of TEMPLATE_FIELDS."""
+    used = set(re.findall(r"(?<!\{)\{(\w+)\}(?!\})", template))
+    unknown = sorted(used - set(TEMPLATE_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"rollout.prompt_template uses unknown placeholder(s) {unknown}; available: {', '.join(TEMPLATE_FIELDS)}."
+        )
+
+
+def render_history(history: Sequence[tuple[str, str]], window: int, steps_taken: int) -> str:
+    """The last `window` (observation, action) pairs, numbered by their step in the episode."""
+    if window == 0 or not history:
+        return ""
+    recent = history[-window:]
+    first_step = steps_taken - len(recent) + 1
+    lines = [
+        f"[Observation {first_step + i}: '{observation}', Action {first_step + i}: '{action}']"
+        for i, (observation, action) in enumerate(recent)
+    ]
+    return (
+        f"Prior to this step, you have already taken {steps_taken} step(s). Below are the most recent "
+        f"{len(recent)} observations and the corresponding actions you took: " + " ".join(lines) + "\n"
+    )
+
+
+def render_user_message(
+    template: str,
+    task: str,
+    history: Sequence[tuple[str, str]],
+    window: int,
+    observation: str,
+    admissible_actions: Sequence[str],
+) -> str:
+    steps_taken = len(history)
+    return template.format(
+        task=task,
+        history=render_history(history, window, steps_taken),
+        step=steps_taken + 1,
+        observation=observation,
+        actions=", ".join(f"'{action}'" for action in admissible_actions),
+    )
+
+
+def parse_action(response_text: str, pattern: re.Pattern[str]) -> str | None:
+    """The text of the last match of `pattern` (group 1), stripped; None when there is none."""
+    matches = pattern.findall(response_text)
+    if not matches:
+        return None
+    last = matches[-1]
+    if isinstance(last, tuple):
+        last = last[0]
+    action = " ".join(last.split())
+    return action or None
+
+
+def is_valid_action(action: str | None, admissible_actions: Sequence[str]) -> bool:
+    """An action is valid when it parsed and, if the environment lists admissible actions, is one of them."""
+    if action is None:
+        return False
+    if not admissible_actions:
+        return True
+    return action.lower() in {candidate.lower() for candidate in admissible_actions}
+
+
+def canonical_action(action: str, admissible_actions: Sequence[str]) -> str:
+    """The admissible spelling of a case-insensitively matched action (the environment gets its own text)."""
+    for candidate in admissible_actions:
+        if candidate.lower() == action.lower():
+            return candidate
+    return action

@@ -1,0 +1,279 @@
+"""Multi-turn episodes -> turn-level training samples, token-in, token-out.
+
+All active episodes of a rollout batch are generated together, one turn at a time. Each turn of
+each episode becomes one `TurnSample` whose `response_ids` are exactly the ids the policy sampled:
+they are never decoded and re-tokenised. The decoded text is used only to read the action.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import RolloutSettings, TeacherSettings
+from .envs.base import Environment, Observation, Task
+from .prompts import (
+    DEFAULT_PROMPT_TEMPLATE,
+    canonical_action,
+    is_valid_action,
+    parse_action,
+    render_user_message,
+)
+
+logger = logging.getLogger(__name__)
+
+#: a policy maps a batch of prompt token-id lists to a batch of sampled response token-id lists
+Policy = Callable[[list[list[int]]], list[list[int]]]
+
+INVALID_ACTION_NOTE = "Your last response had no admissible action, so nothing happened."
+
+
+@dataclass
+class TurnSample:
+    """One turn of one episode: the unit the trainer learns from."""
+
+    task_id: str
+    task_type: str
+    group: int
+    episode: int
+    turn: int
+    prompt_ids: list[int]
+    teacher_prompt_ids: list[int]
+    response_ids: list[int]
+    action: str | None
+    valid: bool
+    truncated: bool
+    privileged: str
+    reward: float = 0.0
+
+
+@dataclass
+class EpisodeResult:
+    task_id: str
+    task_type: str
+    group: int
+    episode: int
+    turns: int = 0
+    won: bool = False
+    outcome_reward: float = 0.0
+    invalid_actions: int = 0
+    env_error: str | None = None
+
+
+@dataclass
+class _EpisodeState:
+    env: Environment
+    result: EpisodeResult
+    task: Task | None = None
+    observation: Observation | None = None
+    history: list[tuple[str, str]] = field(default_factory=list)
+    last_action_invalid: bool = False
+    done: bool = False
+
+    def shown_observation(self) -> str:
+        """The observation text the student sees, with a note when its last action was invalid."""
+        if self.last_action_invalid:
+            return f"{INVALID_ACTION_NOTE} {self.observation.text}"
+        return self.observation.text
+
+
+class TurnRenderer:
+    """Builds the student and teacher prompt ids of a turn."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, rollout: RolloutSettings, teacher: TeacherSettings):
+        self.tokenizer = tokenizer
+        self.rollout = rollout
+        self.teacher = teacher
+        self.template = rollout.prompt_template or DEFAULT_PROMPT_TEMPLATE
+        self.truncated_prompts = 0
+
+    def student_prompt_text(
+        self, task: Task, history: Sequence[tuple[str, str]], observation_text: str, admissible_actions: list[str]
+    ) -> str:
+        user = render_user_message(
+            self.template, task.description, history, self.rollout.history_turns, observation_text, admissible_actions
+        )
+        messages = [{"role": "user", "content": user}]
+        if self.rollout.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": self.rollout.system_prompt})
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        limit = self.rollout.max_prompt_tokens
+        if len(ids) > limit:
+            self.truncated_prompts += 1
+            ids = ids[-limit:]
+        return ids
+
+    def teacher_prefix_ids(self, privileged: str) -> list[int]:
+        if not privileged:
+            return []
+        prefix = self.teacher.context_template.format(context=privileged)
+        return self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+
+
+class HFPolicy:
+    """Samples responses from a (PEFT-wrapped) causal LM in left-padded batches."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        rollout: RolloutSettings,
+        max_batch_size: int = 64,
+        do_sample: bool = True,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.generation_config = GenerationConfig(
+            do_sample=do_sample,
+            temperature=rollout.temperature if do_sample else None,
+            top_p=rollout.top_p if do_sample else None,
+            top_k=0 if do_sample else None,  # sample the full distribution the trainer scores
+            max_new_tokens=rollout.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            use_cache=True,  # TRL turns the model config's use_cache off for training
+        )
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[list[int]]) -> list[list[int]]:
+        responses: list[list[int]] = []
+        for start in range(0, len(prompts), self.max_batch_size):
+            responses.extend(self._generate(prompts[start : start + self.max_batch_size]))
+        return responses
+
+    def _generate(self, prompts: list[list[int]]) -> list[list[int]]:
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        output = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config
+        )
+        return [cut_at_eos(row.tolist(), self.tokenizer.eos_token_id) for row in output[:, width:]]
+
+
+def cut_at_eos(ids: list[int], eos_token_id: int | list[int]) -> list[int]:
+    """The sampled ids up to and including the first end-of-sequence token (padding after it dropped)."""
+    stops = set(eos_token_id) if isinstance(eos_token_id, list) else {eos_token_id}
+    for position, token in enumerate(ids):
+        if token in stops:
+            return ids[: position + 1]
+    return ids
+
+
+def play_episodes(
+    task_ids: Sequence[str],
+    groups: Sequence[int],
+    make_env: Callable[[], Environment],
+    policy: Policy,
+    renderer: TurnRenderer,
+    max_turns: int,
+    first_episode_index: int = 0,
+) -> tuple[list[TurnSample], list[EpisodeResult]]:
+    """Play one episode per entry of `task_ids` (entry i belongs to group `groups[i]`), all batched.
+
+    Rewards: every turn-sample of an episode gets the episode's outcome reward (the sum of the
+    environment's rewards), minus `invalid_action_penalty` on a turn whose action was invalid. An
+    invalid action does not reach the environment; the episode goes on. An exception raised by the
+    environment ends that episode as failed (`env_error`), never the batch.
+    """
+    rollout = renderer.rollout
+    pattern = re.compile(rollout.action_pattern, re.DOTALL)
+    eos = renderer.tokenizer.eos_token_id
+    episodes: list[_EpisodeState] = []
+    for offset, (task_id, group) in enumerate(zip(task_ids, groups)):
+        result = EpisodeResult(task_id, "unknown", group, first_episode_index + offset)
+        state = _EpisodeState(env=None, result=result)  # type: ignore[arg-type]
+        try:
+            state.env = make_env()
+            state.task, state.observation = state.env.reset(task_id)
+            result.task_type = state.task.task_type
+        except Exception as err:  # noqa: BLE001 - a broken environment fails its episode, not the run
+            _fail(state, err)
+        episodes.append(state)
+
+    samples: list[TurnSample] = []
+    episode_samples: dict[int, list[TurnSample]] = {}
+    for turn in range(max_turns):
+        active = [state for state in episodes if not state.done]
+        if not active:
+            break
+        prompt_texts = [
+            renderer.student_prompt_text(s.task, s.history, s.shown_observation(), s.observation.admissible_actions)
+            for s in active
+        ]
+        prompt_ids = [renderer.encode(text) for text in prompt_texts]
+        responses = policy(prompt_ids)
+        for state, prompt, response in zip(active, prompt_ids, responses):
+            observation = state.observation
+            text = renderer.tokenizer.decode(response, skip_special_tokens=True)
+            action = parse_action(text, pattern)
+            valid = is_valid_action(action, observation.admissible_actions)
+            sample = TurnSample(
+                task_id=state.result.task_id,
+                task_type=state.result.task_type,
+                group=state.result.group,
+                episode=state.result.episode,
+                turn=turn,
+                prompt_ids=prompt,
+                teacher_prompt_ids=renderer.teacher_prefix_ids(observation.privileged) + prompt,
+                response_ids=list(response),
+                action=action,
+                valid=valid,
+                truncated=bool(response) and response[-1] != eos,
+                privileged=observation.privileged,
+            )
+            samples.append(sample)
+            episode_samples.setdefault(state.result.episode, []).append(sample)
+            state.result.turns += 1
+            _advance(state, action, valid)
+    for state in episodes:
+        state.done = True
+        if state.env is not None:
+            try:
+                state.env.close()
+            except Exception:  # noqa: BLE001 - closing must not lose the episode's samples
+                logger.warning("closing the environment of episode %d failed", state.result.episode)
+        penalty = rollout.invalid_action_penalty
+        for sample in episode_samples.get(state.result.episode, []):
+            sample.reward = state.result.outcome_reward - (0.0 if sample.valid else penalty)
+    return samples, [state.result for state in episodes]
+
+
+def _advance(state: _EpisodeState, action: str | None, valid: bool) -> None:
+    observation = state.observation
+    if not valid:
+        state.result.invalid_actions += 1
+        state.history.append((observation.text, action or "(no action)"))
+        state.last_action_invalid = True
+        return
+    env_action = canonical_action(action, observation.admissible_actions)
+    try:
+        following = state.env.step(env_action)
+    except Exception as err:  # noqa: BLE001 - a broken environment fails its episode, not the run
+        _fail(state, err)
+        return
+    state.history.append((observation.text, env_action))
+    state.observation = following
+    state.last_action_invalid = False
+    state.result.outcome_reward += float(following.reward)
+    if following.done:
+        state.done = True
+        state.result.won = bool(following.won)
+
+
+def _fail(state: _EpisodeState, err: Exception) -> None:
+    state.done = True
+    state.result.won = False
+    state.result.env_error = f"{type(err).__name__}: {err}"
+    logger.warning("episode %d (%s) failed in the environment: %s", state.result.episode, state.result.task_id, err)

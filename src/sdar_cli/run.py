@@ -1,0 +1,275 @@
+"""One training run: the run directory, the trainer, and what the user sees while it trains.
+
+Run directory:
+    config.yaml            the resolved config
+    metrics.jsonl          one JSON object per step
+    gates/step-N.jsonl     per-token gate records (sdar, grpo_opsd, opsd)
+    checkpoint-N/          a PEFT adapter (plain `PeftModel.from_pretrained` loads it) + resume state
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import TrainerCallback
+
+from .config import RunConfig
+from .envs import environment_factory
+from .models import load_base_model, load_tokenizer, pick_device
+from .trainer import SDARTrainer, TrainingAborted, grpo_args
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
+#: always present in every metrics.jsonl row, null where the algorithm has no such quantity
+METRIC_KEYS = (
+    "step",
+    "reward_mean",
+    "success_rate",
+    "episode_turns_mean",
+    "invalid_action_rate",
+    "env_error_rate",
+    "loss",
+    "kl",
+    "gate_mean",
+    "gate_active_ratio",
+    "teacher_gap_mean",
+    "step_seconds",
+    "tokens_per_second",
+)
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked; the message says what to do."""
+
+
+@dataclass
+class TrainOutcome:
+    exit_code: int
+    message: str
+    last_step: int
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step (staging folders never match the name)."""
+    found = [(int(m.group(1)), p) for p in run_dir.glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))]
+    found = [(step, path) for step, path in found if (path / "trainer_state.json").is_file()]
+    return max(found)[1] if found else None
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(_CHECKPOINT.match(checkpoint.name).group(1))
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
+    """Check the run directory; return the checkpoint to resume from (None: a fresh start)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"Run directory {run_dir} exists and is a file. Choose another --output-dir.")
+    in_use = run_dir.is_dir() and any(run_dir.iterdir())
+    if in_use and not resume:
+        raise RunDirError(
+            f"Run directory {run_dir} already holds a run. Pass --resume to continue it, or choose another "
+            "--output-dir (nothing was changed)."
+        )
+    checkpoint = latest_checkpoint(run_dir) if resume and in_use else None
+    forget_steps_after(run_dir, checkpoint_step(checkpoint) if checkpoint else 0)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return checkpoint
+
+
+def forget_steps_after(run_dir: Path, step: int) -> None:
+    """Drop metrics rows and gate files of steps after `step`: they are re-done on resume, never duplicated."""
+    metrics = run_dir / METRICS_FILE
+    if metrics.is_file():
+        kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        metrics.write_text("".join(line + "\n" for line in kept))
+    gates = run_dir / "gates"
+    if gates.is_dir():
+        for path in gates.glob("step-*.jsonl"):
+            if int(path.stem.split("-")[1]) > step:
+                path.unlink()
+
+
+def train(config: RunConfig, run_dir: Path, resume: bool = False, console: Console | None = None) -> TrainOutcome:
+    console = console or Console()
+    checkpoint = prepare_run_dir(run_dir, resume)
+    make_env = environment_factory(config.env.name, config.env.kwargs)
+    probe = make_env()
+    train_task_ids = probe.task_ids(config.env.train_split)
+    max_turns = config.rollout.max_turns or probe.max_turns
+    probe.close()
+    if not train_task_ids:
+        raise RunDirError(f"The environment has no tasks in split '{config.env.train_split}'.")
+
+    device = pick_device(config.train.device)
+    tokenizer = load_tokenizer(config.model)
+    model = load_base_model(config.model, device)
+    (run_dir / CONFIG_FILE).write_text(config.to_yaml())
+
+    interrupt = InterruptWatcher(console)
+    progress = ProgressDisplay(console, config.train.max_steps)
+    writer = MetricsWriter(run_dir / METRICS_FILE, progress.summary)
+    args = grpo_args(config, run_dir, use_cpu=device.type == "cpu", bf16=model.dtype == torch.bfloat16)
+    trainer = SDARTrainer(
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        make_env=make_env,
+        train_task_ids=train_task_ids,
+        args=args,
+        max_turns=max_turns,
+        callbacks=[writer, progress, interrupt, FinalSave()],
+    )
+    if checkpoint:
+        console.print(f"Resuming from {checkpoint} (step {checkpoint_step(checkpoint)}).")
+    with interrupt.installed():
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except TrainingAborted as err:
+            progress.stop()
+            return TrainOutcome(1, f"Training aborted: {err}", trainer.state.global_step)
+        finally:
+            progress.stop()
+    step = trainer.state.global_step
+    if interrupt.requested:
+        return TrainOutcome(
+            130,
+            f"Interrupted: checkpoint written at step {step}. Continue with: sdar train CONFIG --output-dir {run_dir} --resume",
+            step,
+        )
+    if trainer.stop_reason:
+        return TrainOutcome(1, f"Stopped: {trainer.stop_reason}", step)
+    return TrainOutcome(0, f"Done: {step} steps. Run directory: {run_dir}", step)
+
+
+class MetricsWriter(TrainerCallback):
+    """Appends one JSON object per step to metrics.jsonl and hands it to the progress display."""
+
+    def __init__(self, path: Path, on_record=None):
+        self.path = path
+        self.on_record = on_record
+        self._step_started = time.perf_counter()
+        self._step_seconds = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._step_seconds = time.perf_counter() - self._step_started
+
+    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
+        if not logs or "reward_mean" not in logs:  # the end-of-training summary carries no step metrics
+            return
+        record: dict[str, Any] = {key: None for key in METRIC_KEYS}
+        record.update({key: _json_number(value) for key, value in logs.items() if isinstance(value, (int, float))})
+        record["step"] = state.global_step
+        record["step_seconds"] = self._step_seconds
+        tokens = logs.get("response_tokens") or 0.0
+        record["tokens_per_second"] = tokens / self._step_seconds if self._step_seconds > 0 else None
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.on_record:
+            self.on_record(record)
+
+
+def _json_number(value: float) -> float | None:
+    """JSON has no NaN or infinity: such values are written as null."""
+    return value if math.isfinite(value) else None
+
+
+class ProgressDisplay(TrainerCallback):
+    """A rich progress bar with ETA, and one summary line per step."""
+
+    def __init__(self, console: Console, total_steps: int):
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task = self.progress.add_task("train", total=total_steps)
+        self._started = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.progress.update(self.task, completed=state.global_step)
+        self.progress.start()
+        self._started = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.progress.update(self.task, completed=state.global_step)
+
+    def summary(self, record: dict[str, Any]) -> None:
+        def show(key: str, fmt: str) -> str:
+            value = record.get(key)
+            return "-" if value is None else format(value, fmt)
+
+        self.console.print(
+            f"step {record['step']:>4}  reward {show('reward_mean', '.2f')}  success {show('success_rate', '.0%')}  "
+            f"turns {show('episode_turns_mean', '.1f')}  invalid {show('invalid_action_rate', '.0%')}  "
+            f"gate {show('gate_mean', '.3f')}  kl {show('kl', '.4f')}  loss {show('loss', '.4f')}  "
+            f"{show('step_seconds', '.1f')}s"
+        )
+
+    def stop(self) -> None:
+        if self._started:
+            self.progress.stop()
+            self._started = False
+
+
+class FinalSave(TrainerCallback):
+    """Always checkpoint the last step, whatever save_steps is."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = True
+        return control
+
+
+class InterruptWatcher(TrainerCallback):
+    """First Ctrl-C or SIGTERM: finish the step, checkpoint, stop. A second Ctrl-C: stop at once."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.requested = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            signal.signal(sig, self._handle)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.console.print(
+            f"[yellow]{signal.Signals(signum).name} received: finishing this step and writing a checkpoint "
+            "(press Ctrl-C again to stop at once).[/yellow]"
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control

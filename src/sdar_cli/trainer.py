@@ -1,0 +1,409 @@
+"""SDARTrainer: TRL's GRPOTrainer plus what SDAR adds, and nothing else.
+
+What is TRL's, reused as is: the optimiser and scheduler, accelerate, PEFT wrapping, gradient
+checkpointing, the fused log-prob head, the PPO-clip loss with its loss types, the k3 KL to the
+reference, the entropy bonus, report_to logging and checkpoint/resume.
+
+What SDAR adds, overriding three methods:
+- `_generate_and_score_completions`: multi-turn episodes instead of single completions; each turn
+  is one sample; rewards from the environment; group advantages; one no-grad reference pass
+  (adapter off) and one no-grad teacher pass (privileged prompt, adapter on or off).
+- `_compute_loss`: TRL's GRPO loss + lambda * L_SDAR, with the gate computed from the very student
+  log-probs TRL's loss used; the gates are recorded for inspection.
+- `_save_checkpoint`: written to a staging folder and renamed, so a checkpoint is whole or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+
+from .batching import collate_turn_samples
+from .config import RunConfig
+from .envs.base import Environment
+from .losses import episode_advantages, group_advantages, masked_sequence_means, masked_token_sum, sdar_gate, sdar_token_loss
+from .models import adapter_switched_off, lora_config
+from .rollout import EpisodeResult, HFPolicy, TurnRenderer, TurnSample, play_episodes
+
+SDAR_STATE_FILE = "sdar_state.json"
+
+
+class TrainingAborted(RuntimeError):
+    """Training cannot go on (most episodes fail, repeated non-finite losses); the message says why."""
+
+
+def environment_reward(**_: Any) -> list[float]:
+    """Placeholder for TRL's `reward_funcs` slot, which must not be empty.
+
+    SDARTrainer takes rewards from the environment inside its own rollout, so TRL's reward path is
+    never reached; reaching it would mean the rollout override was bypassed.
+    """
+    raise RuntimeError("SDARTrainer scores episodes in the environment; TRL's reward functions are not used.")
+
+
+def grpo_args(config: RunConfig, run_dir: Path, use_cpu: bool, bf16: bool) -> GRPOConfig:
+    """Translate the run config into TRL's GRPOConfig (one optimizer update per rollout batch)."""
+    rollout, algorithm, train = config.rollout, config.algorithm, config.train
+    episodes_per_step = rollout.tasks_per_step * rollout.group_size
+    return GRPOConfig(
+        output_dir=str(run_dir),
+        seed=train.seed,
+        max_steps=train.max_steps,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        per_device_train_batch_size=episodes_per_step // train.micro_batches,
+        gradient_accumulation_steps=train.micro_batches,
+        steps_per_generation=train.micro_batches,
+        num_generations=rollout.group_size,
+        max_completion_length=rollout.max_new_tokens,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        beta=algorithm.kl_coef,
+        epsilon=algorithm.clip_eps,
+        loss_type=algorithm.loss_type,
+        entropy_coef=algorithm.entropy_coef,
+        gradient_checkpointing=train.gradient_checkpointing,
+        use_cpu=use_cpu,
+        bf16=bf16,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=config.output.save_total_limit,
+        logging_steps=1,
+        report_to=list(train.report_to) or "none",
+        disable_tqdm=True,
+        disable_dropout=True,
+        remove_unused_columns=False,
+        shuffle_dataset=True,
+        log_completions=False,
+        dataloader_num_workers=0,
+    )
+
+
+class SDARTrainer(GRPOTrainer):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        config: RunConfig,
+        make_env: Callable[[], Environment],
+        train_task_ids: Sequence[str],
+        args: GRPOConfig,
+        max_turns: int,
+        callbacks: list[TrainerCallback] | None = None,
+    ):
+        super().__init__(
+            model=model,
+            reward_funcs=[environment_reward],
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": list(train_task_ids)}),
+            processing_class=tokenizer,
+            peft_config=lora_config(config.model),
+            callbacks=[*(callbacks or []), _NonFiniteGuard(self)],
+        )
+        self.config = config
+        self.make_env = make_env
+        self.max_turns = max_turns
+        self.renderer = TurnRenderer(tokenizer, config.rollout, config.teacher)
+        algorithm = config.algorithm.name
+        self.with_teacher = config.uses_teacher
+        self.sdar_coef = config.algorithm.sdar_coef if self.with_teacher else 0.0
+        self.gate_beta = 0.0 if algorithm == "grpo_opsd" else config.algorithm.gate_beta
+        self.rl_term = algorithm != "opsd"
+        self.gates_dir = Path(args.output_dir) / "gates"
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.stop_reason: str | None = None
+        self._nonfinite_this_step = False
+        self._capture_student = False
+        self._captured_student_logps: torch.Tensor | None = None
+        self._step_samples: list[TurnSample] = []
+        self._step_advantages: torch.Tensor | None = None
+        self._gate_records: dict[int, dict[str, list[float]]] = {}
+        self._episodes_played = 0
+
+    # ----------------------------------------------------------------------------------- rollout
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        step_started = time.perf_counter()
+        task_ids = [row["prompt"] for row in inputs]
+        group_size = self.num_generations
+        groups = [self._episodes_played // group_size + i // group_size for i in range(len(task_ids))]
+        model = self.accelerator.unwrap_model(self.model)
+
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            was_training = model.training
+            model.eval()
+            try:
+                policy = HFPolicy(model, self.processing_class, self.config.rollout)
+                samples, episodes = play_episodes(
+                    task_ids, groups, self.make_env, policy, self.renderer, self.max_turns, self._episodes_played
+                )
+            finally:
+                model.train(was_training)
+        generation_seconds = time.perf_counter() - step_started
+        self._episodes_played += len(task_ids)
+        self._check_env_errors(episodes)
+
+        rewards = torch.tensor([s.reward for s in samples])
+        group_ids = torch.tensor([s.group for s in samples])
+        if self.config.algorithm.advantage_norm == "group":
+            advantages = group_advantages(rewards, group_ids)
+        else:
+            outcome = {e.episode: e.outcome_reward for e in episodes}
+            advantages = episode_advantages(
+                rewards,
+                group_ids,
+                torch.tensor([s.episode for s in samples]),
+                torch.tensor([outcome[s.episode] for s in samples]),
+            )
+        policy_advantages = advantages if self.rl_term else torch.zeros_like(advantages)
+
+        batch = collate_turn_samples(
+            samples, policy_advantages, self.processing_class.pad_token_id, self.args.steps_per_generation, self.with_teacher
+        )
+        device = self.accelerator.device
+        batch = {key: value.to(device) for key, value in batch.items()}
+        completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
+        logits_to_keep = completion_ids.size(1)
+        batch_size = self.config.train.logprob_batch_size
+
+        passes_started = time.perf_counter()
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if self.beta != 0.0:
+                with adapter_switched_off(model):
+                    batch["ref_per_token_logps"], _, _ = self._get_per_token_logps_and_entropies(
+                        self.model,
+                        torch.cat([batch["prompt_ids"], completion_ids], dim=1),
+                        torch.cat([batch["prompt_mask"], completion_mask], dim=1),
+                        logits_to_keep,
+                        batch_size=batch_size,
+                    )
+            if self.with_teacher:
+                teacher_ids = batch.pop("teacher_prompt_ids")
+                teacher_mask = batch.pop("teacher_prompt_mask")
+                with adapter_switched_off(model, off=self.config.teacher.weights == "base"):
+                    batch["teacher_per_token_logps"], _, _ = self._get_per_token_logps_and_entropies(
+                        self.model,
+                        torch.cat([teacher_ids, completion_ids], dim=1),
+                        torch.cat([teacher_mask, completion_mask], dim=1),
+                        logits_to_keep,
+                        batch_size=batch_size,
+                    )
+        passes_seconds = time.perf_counter() - passes_started
+
+        self._step_samples = samples
+        self._step_advantages = advantages
+        self._gate_records = {}
+        self._log_rollout_metrics(samples, episodes, generation_seconds, passes_seconds)
+        return batch
+
+    def _check_env_errors(self, episodes: list[EpisodeResult]) -> None:
+        failed = [e for e in episodes if e.env_error]
+        if len(failed) * 2 > len(episodes):
+            raise TrainingAborted(
+                f"{len(failed)} of {len(episodes)} episodes failed inside the environment, e.g. task "
+                f"{failed[0].task_id}: {failed[0].env_error}. Fix the environment (env.name / env.kwargs) and resume."
+            )
+
+    def _log_rollout_metrics(
+        self, samples: list[TurnSample], episodes: list[EpisodeResult], generation_seconds: float, passes_seconds: float
+    ) -> None:
+        metrics = self._metrics["train"]
+        metrics["reward_mean"].append(sum(e.outcome_reward for e in episodes) / len(episodes))
+        metrics["success_rate"].append(sum(e.won for e in episodes) / len(episodes))
+        metrics["episode_turns_mean"].append(sum(e.turns for e in episodes) / len(episodes))
+        metrics["invalid_action_rate"].append(sum(not s.valid for s in samples) / max(1, len(samples)))
+        metrics["env_error_rate"].append(sum(bool(e.env_error) for e in episodes) / len(episodes))
+        metrics["truncated_response_rate"].append(sum(s.truncated for s in samples) / max(1, len(samples)))
+        metrics["turn_samples"].append(float(len(samples)))
+        metrics["response_tokens"].append(float(sum(len(s.response_ids) for s in samples)))
+        metrics["generation_seconds"].append(generation_seconds)
+        metrics["logprob_pass_seconds"].append(passes_seconds)
+        metrics["truncated_prompts"].append(float(self.renderer.truncated_prompts))
+
+    # -------------------------------------------------------------------------------------- loss
+    def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any):
+        result = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if self._capture_student:
+            self._captured_student_logps = result[0]
+        return result
+
+    def _compute_loss(self, model, inputs):
+        self._capture_student = True
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            self._capture_student = False
+        student_logps, self._captured_student_logps = self._captured_student_logps, None
+        if self.with_teacher:
+            mask = inputs["completion_mask"].to(student_logps.dtype)
+            teacher_logps = inputs["teacher_per_token_logps"]
+            gate = sdar_gate(teacher_logps, student_logps, self.gate_beta)
+            token_loss = sdar_token_loss(teacher_logps, student_logps, gate)
+            if self.config.algorithm.sdar_aggregation == "token_mean":
+                normalizer = inputs["num_items_in_batch"].clamp(min=1) / self.accelerator.num_processes
+                sdar_loss = masked_token_sum(token_loss, mask) / normalizer
+            else:
+                normalizer = inputs["num_samples_in_batch"].clamp(min=1) / self.accelerator.num_processes
+                sdar_loss = masked_sequence_means(token_loss, mask).sum() / normalizer
+            loss = loss + self.sdar_coef * sdar_loss
+            self._record_gates(inputs, student_logps, teacher_logps, gate)
+        if not torch.isfinite(loss):
+            self._nonfinite_this_step = True
+            # zero gradient, NaN value: the Trainer logs it as skipped and _NonFiniteGuard drops the update
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            loss = sum(p.sum() for p in trainable) * 0.0 + loss.detach()
+        return loss
+
+    def _record_gates(self, inputs, student_logps, teacher_logps, gate) -> None:
+        lengths = inputs["completion_mask"].sum(-1).tolist()
+        for row, sample_index in enumerate(inputs["sample_index"].tolist()):
+            if sample_index < 0:
+                continue
+            n = int(lengths[row])
+            self._gate_records[sample_index] = {
+                "student_logp": student_logps[row, :n].detach().float().cpu().tolist(),
+                "teacher_logp": teacher_logps[row, :n].float().cpu().tolist(),
+                "gate": gate[row, :n].float().cpu().tolist(),
+            }
+
+    # ------------------------------------------------------------------------------ step bookkeeping
+    def training_step(self, model, inputs, num_items_in_batch):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._step % self.current_gradient_accumulation_steps == 0:
+            self._finish_step()
+        return loss
+
+    def _finish_step(self) -> None:
+        """Once per update: gate statistics, the gates file, and the non-finite counters."""
+        metrics = self._metrics["train"]
+        step = self.state.global_step + 1
+        if self._nonfinite_this_step:
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+        else:
+            self.nonfinite_in_a_row = 0
+        metrics["nonfinite_updates_skipped"].append(float(self.nonfinite_total))
+        if self.with_teacher and self._gate_records:
+            gates = [g for record in self._gate_records.values() for g in record["gate"]]
+            gaps = [
+                t - s
+                for record in self._gate_records.values()
+                for t, s in zip(record["teacher_logp"], record["student_logp"])
+            ]
+            metrics["gate_mean"].append(sum(gates) / len(gates))
+            metrics["gate_active_ratio"].append(sum(g > 0.5 for g in gates) / len(gates))
+            metrics["teacher_gap_mean"].append(sum(gaps) / len(gaps))
+            if self.config.output.save_gates and self.accelerator.is_main_process:
+                self._write_gates(step)
+
+    def _write_gates(self, step: int) -> None:
+        tokenizer = self.processing_class
+        self.gates_dir.mkdir(parents=True, exist_ok=True)
+        path = self.gates_dir / f"step-{step}.jsonl"
+        staging = path.with_suffix(".jsonl.tmp")
+        with staging.open("w") as handle:
+            for index, sample in enumerate(self._step_samples):
+                record = self._gate_records.get(index)
+                if record is None:
+                    continue
+                handle.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "task_id": sample.task_id,
+                            "task_type": sample.task_type,
+                            "episode": sample.episode,
+                            "turn": sample.turn,
+                            "token_ids": sample.response_ids,
+                            "tokens": [tokenizer.decode([token]) for token in sample.response_ids],
+                            **record,
+                            "mask": [1] * len(sample.response_ids),
+                            "advantage": float(self._step_advantages[index]),
+                            "reward": sample.reward,
+                            "beta": self.gate_beta,
+                            "action": sample.action,
+                            "valid": sample.valid,
+                        }
+                    )
+                    + "\n"
+                )
+        os.replace(staging, path)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write checkpoint-N into a staging folder, then rename it into place (atomic on POSIX)."""
+        run_dir = Path(self.args.output_dir)
+        name = f"checkpoint-{self.state.global_step}"
+        staging_root = run_dir / f".staging-{name}"
+        shutil.rmtree(staging_root, ignore_errors=True)
+        original_output_dir = self.args.output_dir
+        self.args.output_dir = str(staging_root)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = original_output_dir
+        staged = staging_root / name
+        (staged / SDAR_STATE_FILE).write_text(
+            json.dumps({"episodes_played": self._episodes_played, "nonfinite_total": self.nonfinite_total})
+        )
+        final = run_dir / name
+        if final.exists():
+            retired = run_dir / f".retired-{name}"
+            shutil.rmtree(retired, ignore_errors=True)
+            final.rename(retired)
+            staged.rename(final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staged.rename(final)
+        shutil.rmtree(staging_root, ignore_errors=True)
+        if self.args.save_total_limit:
+            self._rotate_checkpoints(use_mtime=False, output_dir=str(run_dir))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            state_file = Path(checkpoint) / SDAR_STATE_FILE
+            if state_file.is_file():
+                state = json.loads(state_file.read_text())
+                self._episodes_played = state["episodes_played"]
+                self.nonfinite_total = state["nonfinite_total"]
+
+
+class _NonFiniteGuard(TrainerCallback):
+    """Drops the optimizer update of a step whose loss was not finite; stops after too many in a row."""
+
+    def __init__(self, trainer: SDARTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer._nonfinite_this_step:
+            for parameter in trainer.model.parameters():
+                parameter.grad = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer._nonfinite_this_step:
+            trainer._nonfinite_this_step = False
+            if trainer.nonfinite_in_a_row >= trainer.config.train.max_nonfinite_updates:
+                trainer.stop_reason = (
+                    f"the loss was not finite in {trainer.nonfinite_in_a_row} steps in a row (up to step "
+                    f"{state.global_step}); the updates were skipped and a checkpoint was written. Lower "
+                    "train.learning_rate or check the model's dtype, then resume."
+                )
+                control.should_save = True
+                control.should_training_stop = True
+        return control
