@@ -1,0 +1,121 @@
+"""Shared fixtures: a tiny offline chat model (byte-level BPE + random Qwen2) saved once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from sdar_cli.envs.builtin import HouseholdEnv
+    from sdar_cli.prompts import DEFAULT_PROMPT_TEMPLATE
+
+    env = HouseholdEnv()
+    corpus = [DEFAULT_PROMPT_TEMPLATE, "<think> I should </think> <action> go to kitchen </action>"]
+    for task_id in env.task_ids("train")[:40]:
+        task, observation = env.reset(task_id)
+        corpus += [task.description, observation.text, " ".join(observation.admissible_actions), observation.privileged]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(corpus * 3, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def build_tiny_model(tokenizer, seed: int = 0):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A folder that `model.name` can point at: a random 2-layer Qwen2 with a ChatML tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+TINY_OVERRIDES = [
+    "rollout.tasks_per_step=2",
+    "rollout.group_size=2",
+    "rollout.max_turns=3",
+    "rollout.max_new_tokens=8",
+    "rollout.history_turns=1",
+    "train.max_steps=2",
+    "train.save_steps=1",
+    "train.learning_rate=0.01",
+    "model.lora.r=4",
+    "model.lora.alpha=8",
+]
+
+
+def tiny_config(model_dir: Path, run_dir: Path, *overrides: str):
+    from sdar_cli.config import load_config
+
+    return load_config(None, [f"model.name={model_dir}", f"output.dir={run_dir}", *TINY_OVERRIDES, *overrides])
+
+
+def build_trainer(config, run_dir: Path, callbacks=None, model=None):
+    """An SDARTrainer on the tiny model, built the way `sdar train` builds it."""
+    import torch
+
+    from sdar_cli.envs import environment_factory
+    from sdar_cli.models import load_base_model, load_tokenizer
+    from sdar_cli.trainer import SDARTrainer, grpo_args
+
+    make_env = environment_factory(config.env.name, config.env.kwargs)
+    model = model if model is not None else load_base_model(config.model, torch.device("cpu"))
+    trainer = SDARTrainer(
+        model=model,
+        tokenizer=load_tokenizer(config.model),
+        config=config,
+        make_env=make_env,
+        train_task_ids=make_env().task_ids("train"),
+        args=grpo_args(config, run_dir, use_cpu=True, bf16=False),
+        max_turns=config.rollout.max_turns,
+        callbacks=callbacks,
+    )
+    return trainer, model
+
+
+def task_inputs(config, task_ids=("train-00001", "train-00002")):
+    """The rows TRL's sampler hands `_generate_and_score_completions`: each task repeated group_size times."""
+    return [{"prompt": task_id} for task_id in task_ids for _ in range(config.rollout.group_size)]

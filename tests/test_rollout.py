@@ -1,0 +1,171 @@
+"""Multi-turn episodes -> turn-samples, with a scripted policy (no model needed)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
+
+from conftest import build_tiny_tokenizer
+from sdar_cli.batching import collate_turn_samples
+from sdar_cli.config import RolloutSettings, TeacherSettings
+from sdar_cli.envs.builtin import HouseholdEnv
+from sdar_cli.rollout import INVALID_ACTION_NOTE, TurnRenderer, cut_at_eos, play_episodes
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+class RecordingEnv(HouseholdEnv):
+    """The built-in environment, remembering its last observation so a scripted policy can follow it."""
+
+    created: list[RecordingEnv] = []
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.last = None
+        RecordingEnv.created.append(self)
+
+    def reset(self, task_id):
+        task, self.last = super().reset(task_id)
+        return task, self.last
+
+    def step(self, action):
+        self.last = super().step(action)
+        return self.last
+
+
+def char_by_char(tokenizer, text: str) -> list[int]:
+    """Ids of `text` one character per token: valid ids that re-tokenising the text would never give."""
+    return [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(ch)[0]) for ch in text]
+
+
+def expert_policy(tokenizer, envs, garbage_turns=()):
+    calls = {"n": 0}
+
+    def policy(prompts):
+        active = [env for env in envs if not env.last.done][: len(prompts)]
+        turn = calls["n"]
+        calls["n"] += 1
+        responses = []
+        for env in active:
+            if turn in garbage_turns:
+                text = "<think>hmm</think> I will dance"
+            else:
+                text = f"<think>follow the plan</think><action>{env.expert_plan()[0]}</action>"
+            responses.append(char_by_char(tokenizer, text) + [tokenizer.eos_token_id])
+        return responses
+
+    return policy
+
+
+def run(tokenizer, policy_factory, task_ids, groups, max_turns=15, **rollout):
+    RecordingEnv.created = []
+    renderer = TurnRenderer(tokenizer, RolloutSettings(**rollout), TeacherSettings())
+    envs = RecordingEnv.created
+    return play_episodes(task_ids, groups, RecordingEnv, policy_factory(envs), renderer, max_turns), renderer
+
+
+def test_expert_play_wins_and_every_turn_gets_the_episode_reward(tokenizer):
+    (samples, episodes), _ = run(tokenizer, lambda envs: expert_policy(tokenizer, envs), ["train-00000"] * 2, [0, 0])
+    assert all(e.won and e.outcome_reward == 10.0 and e.env_error is None for e in episodes)
+    plan_length = episodes[0].turns
+    assert 3 <= plan_length <= 15
+    assert len(samples) == 2 * plan_length
+    assert [s.turn for s in samples if s.episode == 0] == list(range(plan_length))
+    assert all(s.reward == 10.0 and s.valid for s in samples)
+
+
+def test_response_ids_are_the_sampled_ids_never_retokenised(tokenizer):
+    (samples, episodes), _ = run(tokenizer, lambda envs: expert_policy(tokenizer, envs), ["train-00003"], [0])
+    sample = samples[0]
+    text = tokenizer.decode(sample.response_ids, skip_special_tokens=True)
+    retokenised = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert sample.response_ids != retokenised  # the scripted ids do not round-trip through text
+    assert sample.response_ids == char_by_char(tokenizer, text) + [tokenizer.eos_token_id]
+    batch = collate_turn_samples(samples, torch.zeros(len(samples)), tokenizer.pad_token_id, 1, with_teacher=True)
+    for row, s in enumerate(samples):
+        n = len(s.response_ids)
+        assert batch["completion_ids"][row, :n].tolist() == s.response_ids
+        assert batch["completion_mask"][row].sum() == n
+
+
+def test_invalid_action_costs_a_penalty_and_the_episode_goes_on(tokenizer):
+    (samples, episodes), _ = run(
+        tokenizer, lambda envs: expert_policy(tokenizer, envs, garbage_turns={0}), ["train-00001"], [0]
+    )
+    first, second = samples[0], samples[1]
+    assert not first.valid and first.action is None
+    assert first.reward == pytest.approx(10.0 - 0.1)
+    assert all(s.reward == 10.0 for s in samples[1:])
+    assert episodes[0].won and episodes[0].invalid_actions == 1
+    assert INVALID_ACTION_NOTE in tokenizer.decode(second.prompt_ids)
+
+
+def test_episodes_stop_at_max_turns_without_winning(tokenizer):
+    (samples, episodes), _ = run(
+        tokenizer, lambda envs: expert_policy(tokenizer, envs, garbage_turns=set(range(99))), ["train-00002"] * 3,
+        [0, 0, 0], max_turns=4,
+    )
+    assert [e.turns for e in episodes] == [4, 4, 4]
+    assert not any(e.won for e in episodes)
+    assert all(s.reward == pytest.approx(-0.1) for s in samples)
+
+
+def test_teacher_prompt_is_the_privileged_prefix_then_the_student_prompt(tokenizer):
+    (samples, _), renderer = run(tokenizer, lambda envs: expert_policy(tokenizer, envs), ["train-00004"], [0])
+    sample = samples[0]
+    prefix = sample.teacher_prompt_ids[: len(sample.teacher_prompt_ids) - len(sample.prompt_ids)]
+    assert sample.teacher_prompt_ids[len(prefix) :] == sample.prompt_ids
+    prefix_text = tokenizer.decode(prefix)
+    assert prefix_text.startswith("[Privileged Skill Information]\n")
+    assert "Expert plan" in prefix_text
+    assert "Expert plan" not in tokenizer.decode(sample.prompt_ids)  # never shown to the student
+
+
+class ExplodingEnv(RecordingEnv):
+    def step(self, action):
+        if self.last and "00005" in self._task_id:
+            self.last = dataclasses.replace(self.last, done=True)  # so the scripted policy skips it too
+            raise RuntimeError("engine crashed")
+        return super().step(action)
+
+    def reset(self, task_id):
+        self._task_id = task_id
+        return super().reset(task_id)
+
+
+def test_an_environment_exception_fails_only_its_episode(tokenizer):
+    RecordingEnv.created = []
+    renderer = TurnRenderer(tokenizer, RolloutSettings(), TeacherSettings())
+    samples, episodes = play_episodes(
+        ["train-00005", "train-00006"], [0, 1], ExplodingEnv, expert_policy(tokenizer, RecordingEnv.created),
+        renderer, 15,
+    )
+    crashed, healthy = episodes
+    assert crashed.env_error == "RuntimeError: engine crashed" and not crashed.won and crashed.turns == 1
+    assert healthy.env_error is None and healthy.won
+
+
+def test_padding_keeps_every_sample_through_trls_shuffle_and_split(tokenizer):
+    (samples, _), _ = run(tokenizer, lambda envs: expert_policy(tokenizer, envs), ["train-00000", "train-00007"], [0, 1])
+    assert len(samples) % 4 != 0, "pick tasks whose sample count does not divide evenly"
+    batch = collate_turn_samples(samples, torch.arange(len(samples)).float(), tokenizer.pad_token_id, 4, False)
+    assert batch["prompt_ids"].shape[0] % 4 == 0
+    chunks = split_tensor_dict(shuffle_sequence_dict(batch), 4)
+    seen = sorted(i for chunk in chunks for i in chunk["sample_index"].tolist() if i >= 0)
+    assert seen == list(range(len(samples)))
+    for chunk in chunks:
+        padding = chunk["sample_index"] < 0
+        assert chunk["completion_mask"][padding].sum() == 0
+        assert chunk["num_items_in_batch"] == sum(len(s.response_ids) for s in samples)
+
+
+def test_cut_at_eos_keeps_the_eos_and_drops_what_follows():
+    assert cut_at_eos([5, 6, 2, 2, 2], 2) == [5, 6, 2]
+    assert cut_at_eos([5, 6, 7], 2) == [5, 6, 7]
+    assert cut_at_eos([5, 9, 6], [9, 2]) == [5, 9]
