@@ -76,10 +76,10 @@ def train(
             run_config.output.dir = str(output_dir)
         outcome = run_training(run_config, Path(run_config.output.dir), resume=resume, console=console)
     except (ConfigError, EnvironmentConfigError, ModelLoadError, RunDirError) as err:
-        err_console.print(f"[red]Error:[/red] {err}", highlight=False)
+        err_console.print(f"[red]Error:[/red] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR) from None
     style = "green" if outcome.exit_code == 0 else ("yellow" if outcome.exit_code == 130 else "red")
-    (console if outcome.exit_code == 0 else err_console).print(f"[{style}]{outcome.message}[/{style}]", highlight=False)
+    (console if outcome.exit_code == 0 else err_console).print(f"[{style}]{outcome.message}[/{style}]", highlight=False, soft_wrap=True)
     raise typer.Exit(outcome.exit_code)
 
 

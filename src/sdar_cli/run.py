@@ -223,7 +223,9 @@ class ProgressDisplay(TrainerCallback):
             f"step {record['step']:>4}  reward {show('reward_mean', '.2f')}  success {show('success_rate', '.0%')}  "
             f"turns {show('episode_turns_mean', '.1f')}  invalid {show('invalid_action_rate', '.0%')}  "
             f"gate {show('gate_mean', '.3f')}  kl {show('kl', '.4f')}  loss {show('loss', '.4f')}  "
-            f"{show('step_seconds', '.1f')}s"
+            f"{show('step_seconds', '.1f')}s",
+            highlight=False,
+            soft_wrap=True,
         )
 
     def stop(self) -> None:
