@@ -12,7 +12,7 @@ from conftest import build_tiny_tokenizer
 from sdar_cli.batching import collate_turn_samples
 from sdar_cli.config import RolloutSettings, TeacherSettings
 from sdar_cli.envs.builtin import HouseholdEnv
-from sdar_cli.rollout import INVALID_ACTION_NOTE, TurnRenderer, cut_at_eos, play_episodes
+from sdar_cli.rollout import INVALID_ACTION_NOTE, TurnRenderer, play_episodes, sampled_response
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,27 @@ def test_padding_keeps_every_sample_through_trls_shuffle_and_split(tokenizer):
         assert chunk["num_items_in_batch"] == sum(len(s.response_ids) for s in samples)
 
 
-def test_cut_at_eos_keeps_the_eos_and_drops_what_follows():
-    assert cut_at_eos([5, 6, 2, 2, 2], 2) == [5, 6, 2]
-    assert cut_at_eos([5, 6, 7], 2) == [5, 6, 7]
-    assert cut_at_eos([5, 9, 6], [9, 2]) == [5, 9]
+def test_sampled_response_ends_at_eos_or_stop_string_not_at_padding(tokenizer):
+    eos = tokenizer.eos_token_id
+    assert sampled_response([5, 6, eos, eos, eos], eos, [], tokenizer.decode) == [5, 6, eos]
+    assert sampled_response([5, 6, 7], eos, [], tokenizer.decode) == [5, 6, 7]
+    assert sampled_response([5, 9, 6], [9, eos], [], tokenizer.decode) == [5, 9]
+    # stopped by "</action>": generate pads the row with pad ids, which must not count as sampled
+    action = char_by_char(tokenizer, "look</action>")
+    padded = action + [tokenizer.pad_token_id] * 3
+    assert sampled_response(padded, eos, ["</action>"], tokenizer.decode) == action
+    # an eos pad after a stop string is not a sampled eos either
+    assert sampled_response(action + [eos, eos], eos, ["</action>"], tokenizer.decode) == action
+
+
+def test_response_prefix_is_prompt_side_and_parsed_as_part_of_the_response(tokenizer):
+    def policy_factory(envs):
+        def policy(prompts):
+            return [char_by_char(tokenizer, f"{env.expert_plan()[0]}</action>") for env in envs if not env.last.done]
+
+        return policy
+
+    (samples, episodes), _ = run(tokenizer, policy_factory, ["train-00000"], [0], response_prefix="<action>")
+    assert episodes[0].won and all(s.valid for s in samples)
+    assert tokenizer.decode(samples[0].prompt_ids).endswith("<|im_start|>assistant\n<action>")
+    assert not tokenizer.decode(samples[0].response_ids).startswith("<action>")

@@ -66,6 +66,14 @@ class RolloutSettings(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     invalid_action_penalty: float = Field(0.1, ge=0.0, description="subtracted from an invalid turn's reward")
     action_pattern: str = Field(r"<action>(.*?)</action>", description="regex whose group 1 is the action")
+    stop_strings: list[str] = Field(
+        default_factory=lambda: ["</action>"], description="generation of a turn stops after any of these"
+    )
+    response_prefix: str = Field(
+        "",
+        description="text put after the generation prompt (prompt side, never trained), e.g. '<action>' to "
+        "steer a small model into the action format; it counts as the start of the response when parsing",
+    )
     system_prompt: str | None = Field(None, description="system message; None keeps the chat template's default")
     prompt_template: str | None = Field(
         None,

@@ -101,7 +101,8 @@ class TurnRenderer:
         messages = [{"role": "user", "content": user}]
         if self.rollout.system_prompt is not None:
             messages.insert(0, {"role": "system", "content": self.rollout.system_prompt})
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return text + self.rollout.response_prefix
 
     def encode(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -140,8 +141,10 @@ class HFPolicy:
             max_new_tokens=rollout.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            stop_strings=rollout.stop_strings or None,
             use_cache=True,  # TRL turns the model config's use_cache off for training
         )
+        self.stop_strings = list(rollout.stop_strings)
 
     @torch.no_grad()
     def __call__(self, prompts: list[list[int]]) -> list[list[int]]:
@@ -157,17 +160,35 @@ class HFPolicy:
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         output = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=self.generation_config,
+            tokenizer=self.tokenizer,
         )
-        return [cut_at_eos(row.tolist(), self.tokenizer.eos_token_id) for row in output[:, width:]]
+        return [
+            sampled_response(row.tolist(), self.tokenizer.eos_token_id, self.stop_strings, self.tokenizer.decode)
+            for row in output[:, width:]
+        ]
 
 
-def cut_at_eos(ids: list[int], eos_token_id: int | list[int]) -> list[int]:
-    """The sampled ids up to and including the first end-of-sequence token (padding after it dropped)."""
+def sampled_response(
+    ids: list[int], eos_token_id: int | list[int], stop_strings: Sequence[str], decode: Callable[[list[int]], str]
+) -> list[int]:
+    """The ids the policy sampled, without the padding `generate` appends to finished rows.
+
+    A row ends at its first end-of-sequence token (kept: it was sampled) or at the first token that
+    completes a stop string (generation's own stop rule). Finding the end this way, rather than at
+    the first pad id, matters when the pad id is the eos id, as in many chat models.
+    """
     stops = set(eos_token_id) if isinstance(eos_token_id, list) else {eos_token_id}
+    last_chars = {s[-1] for s in stop_strings if s}
     for position, token in enumerate(ids):
         if token in stops:
             return ids[: position + 1]
+        if last_chars and any(c in decode([token]) for c in last_chars):
+            text = decode(ids[: position + 1])
+            if any(s in text for s in stop_strings):
+                return ids[: position + 1]
     return ids
 
 
@@ -216,7 +237,7 @@ def play_episodes(
         responses = policy(prompt_ids)
         for state, prompt, response in zip(active, prompt_ids, responses):
             observation = state.observation
-            text = renderer.tokenizer.decode(response, skip_special_tokens=True)
+            text = rollout.response_prefix + renderer.tokenizer.decode(response, skip_special_tokens=True)
             action = parse_action(text, pattern)
             valid = is_valid_action(action, observation.admissible_actions)
             sample = TurnSample(
@@ -230,7 +251,7 @@ def play_episodes(
                 response_ids=list(response),
                 action=action,
                 valid=valid,
-                truncated=bool(response) and response[-1] != eos,
+                truncated=len(response) >= rollout.max_new_tokens and response[-1] != eos,
                 privileged=observation.privileged,
             )
             samples.append(sample)

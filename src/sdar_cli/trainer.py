@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
@@ -114,6 +115,9 @@ class SDARTrainer(GRPOTrainer):
             peft_config=lora_config(config.model),
             callbacks=[*(callbacks or []), _NonFiniteGuard(self)],
         )
+        # sdar shows its own progress and per-step summary
+        self.remove_callback(PrinterCallback)
+        self.remove_callback(ProgressCallback)
         self.config = config
         self.make_env = make_env
         self.max_turns = max_turns
