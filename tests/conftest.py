@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -119,3 +120,40 @@ def build_trainer(config, run_dir: Path, callbacks=None, model=None):
 def task_inputs(config, task_ids=("train-00001", "train-00002")):
     """The rows TRL's sampler hands `_generate_and_score_completions`: each task repeated group_size times."""
     return [{"prompt": task_id} for task_id in task_ids for _ in range(config.rollout.group_size)]
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run torch on one thread: the tiny model is fastest so, and two threads crawl (over 10x slower,
+    measured) when another process keeps the 2-core CI machine busy."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def single_threaded_torch():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A run directory of one `sdar train` step on the tiny model: config.yaml, metrics, gates, checkpoint-1."""
+    from typer.testing import CliRunner
+
+    from sdar_cli.cli import app
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    (root / "tiny.yaml").write_text("algorithm:\n  name: sdar\n")
+    overrides = [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "train.max_steps=1"]
+    args = ["train", str(root / "tiny.yaml"), "--output-dir", str(root / "run")]
+    with one_torch_thread():
+        result = CliRunner().invoke(app, args + [part for o in overrides for part in ("--set", o)])
+    assert result.exit_code == 0, result.output
+    return root / "run"

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import build_tiny_tokenizer
 from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
 
-from conftest import build_tiny_tokenizer
 from sdar_cli.batching import collate_turn_samples
 from sdar_cli.config import RolloutSettings, TeacherSettings
 from sdar_cli.envs.builtin import HouseholdEnv

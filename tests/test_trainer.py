@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import math
-
 import pytest
 import torch
+from conftest import build_trainer, task_inputs, tiny_config
 from transformers import AutoModelForCausalLM
 
-from conftest import build_trainer, task_inputs, tiny_config
-from sdar_cli.losses import sdar_gate
 from sdar_cli.trainer import SDARTrainer
 
 

@@ -55,6 +55,14 @@ def train(
         Optional[list[str]],
         typer.Option("--set", help="Override a config key, e.g. --set train.max_steps=10 (repeatable)."),
     ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Load only the model's config.json, print the estimated peak memory of this run and whether it "
+            "fits the visible GPU (or this machine), and exit; nothing is written.",
+        ),
+    ] = False,
 ) -> None:
     """Train a LoRA agent with GRPO + gated self-distillation in a multi-turn environment.
 
@@ -63,6 +71,13 @@ def train(
     privileged context), and makes one update. The run directory gets config.yaml, metrics.jsonl,
     gates/step-N.jsonl and checkpoint-N/ (a PEFT adapter). Ctrl-C writes a checkpoint and exits 130;
     --resume continues from it.
+
+    Config sections: model (name, dtype, load_in_4bit, lora), env (name, kwargs, splits), rollout
+    (group_size, tasks_per_step, max_turns, history_turns, max_new_tokens, temperature, prompt_template,
+    ...), algorithm (name: sdar | grpo | grpo_opsd | opsd, sdar_coef, gate_beta, kl_coef, ...), teacher
+    (weights: live | base, context_template), train (max_steps, save_steps, seed, learning_rate,
+    micro_batches, report_to, ...), output (dir, save_gates). Every key, its default and its meaning:
+    README "Configuration" and src/sdar_cli/config.py. Bad keys or values exit with code 2.
     """
     _quiet_libraries()
     from .config import ConfigError, load_config
@@ -75,6 +90,12 @@ def train(
         run_config = load_config(config, overrides)
         if output_dir is not None:
             run_config.output.dir = str(output_dir)
+        if dry_run:
+            from .run import dry_run as estimate_memory
+
+            for warning in estimate_memory(run_config, console):
+                err_console.print(f"[yellow]Warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
+            raise typer.Exit(0)
         outcome = run_training(run_config, Path(run_config.output.dir), resume=resume, console=console)
     except (ConfigError, EnvironmentConfigError, ModelLoadError, RunDirError) as err:
         err_console.print(f"[red]Error:[/red] {err}", highlight=False, soft_wrap=True)
@@ -82,6 +103,178 @@ def train(
     style = "green" if outcome.exit_code == 0 else ("yellow" if outcome.exit_code == 130 else "red")
     (console if outcome.exit_code == 0 else err_console).print(f"[{style}]{outcome.message}[/{style}]", highlight=False, soft_wrap=True)
     raise typer.Exit(outcome.exit_code)
+
+
+@app.command("eval")
+def evaluate(
+    targets: Annotated[
+        list[str],
+        typer.Argument(
+            help="Run directories (latest checkpoint), checkpoint-N folders, or base models (hub id, local "
+            "folder, smollm2-135m-instruct). Several: a side-by-side comparison on the same tasks."
+        ),
+    ],
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="YAML config (default: the run's config.yaml).")
+    ] = None,
+    episodes: Annotated[Optional[int], typer.Option("--episodes", "-n", help="Episodes per target (eval.episodes).")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="Task split (env.eval_split, default 'test').")] = None,
+    overrides: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="Override a config key, e.g. --set eval.decoding=greedy (repeatable)."),
+    ] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report to this JSON file.")] = None,
+) -> None:
+    """Evaluate trained agents (or a base model) on held-out tasks.
+
+    Plays eval.episodes episodes per target, sampled at temperature 0.4 (the paper's validation
+    decoding; --set eval.decoding=greedy for greedy), and reports the success rate with its 95% Wilson
+    interval, mean reward, mean turns and invalid-action rate, overall and per task type. Tasks are
+    drawn with eval.seed: the same seed gives the same tasks and the same numbers. A base model with
+    no --config borrows the config of the run it is compared with.
+    """
+    _quiet_libraries()
+    import json
+
+    from .config import ConfigError
+    from .envs import EnvironmentConfigError
+    from .evaluate import EvalError, evaluate_targets, print_report
+    from .models import ModelLoadError
+    from .targets import TargetError
+
+    cli_overrides = [*(overrides or [])]
+    if episodes is not None:
+        cli_overrides.append(f"eval.episodes={episodes}")
+    if split is not None:
+        cli_overrides.append(f"env.eval_split={split}")
+    try:
+        report = evaluate_targets(targets, config, cli_overrides, console)
+    except (ConfigError, EnvironmentConfigError, ModelLoadError, TargetError, EvalError) as err:
+        err_console.print(f"[red]Error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(USER_ERROR) from None
+    print_report(console, report)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        console.print(f"Report written to {json_path}", highlight=False)
+
+
+@app.command("inspect-gates")
+def inspect_gates(
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="A run directory (reads its gates/step-N.jsonl), or a checkpoint-N folder or base model "
+            "(plays fresh episodes and computes their gates, without training)."
+        ),
+    ],
+    step: Annotated[Optional[int], typer.Option("--step", help="Training step to show (default: the latest).")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="Only this task id or task type.")] = None,
+    episode: Annotated[Optional[int], typer.Option("--episode", help="Only this episode number.")] = None,
+    turn: Annotated[Optional[int], typer.Option("--turn", help="Only this turn index (0 = first).")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="Episodes printed in the terminal (all go to --html).")] = 4,
+    html: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained HTML report here.")] = None,
+    png: Annotated[Optional[Path], typer.Option("--png", help="Write summary plots (PNG) here.")] = None,
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="Config for a checkpoint or base model (default: the run's).")
+    ] = None,
+    episodes: Annotated[
+        int, typer.Option("--episodes", "-n", help="Fresh episodes to play for a checkpoint or base model.")
+    ] = 4,
+    overrides: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override a config key for fresh episodes (repeatable).")
+    ] = None,
+) -> None:
+    """Show where the teacher endorses (gate near 1) or rejects (near 0) the agent's own tokens.
+
+    Prints the agent's tokens coloured by gate, per episode and turn, with each turn's action,
+    reward and advantage (the observations are not stored in gate records, so they are not shown),
+    then a gate histogram, the active ratio (gate > 0.5), the mean teacher-student gap, and the most
+    endorsed and most rejected tokens. --html writes an interactive report (hover a token for its
+    log-probs; a step selector); --png writes plots over training steps.
+    """
+    from .gates import GateDataError, is_training_run, load_run_view, print_gates
+
+    path = Path(target).expanduser()
+    try:
+        if is_training_run(path):
+            view = load_run_view(path, step, task, episode, turn)
+        else:
+            view = _probe_gates(target, config, episodes, overrides or [], task, episode, turn)
+        print_gates(console, view, limit)
+        if html is not None:
+            from .gates_html import write_html
+
+            write_html(html, view)
+            console.print(f"HTML report written to {html}", highlight=False)
+        if png is not None:
+            from .gates_plots import write_png
+
+            write_png(png, view)
+            console.print(f"Plots written to {png}", highlight=False)
+    except (GateDataError, OSError) as err:
+        err_console.print(f"[red]Error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(USER_ERROR) from None
+
+
+def _probe_gates(target: str, config: Optional[Path], episodes: int, overrides: list[str], *filters):
+    """Fresh rollouts of a checkpoint or base model, scored by the teacher (user errors exit 2)."""
+    _quiet_libraries()
+    from .config import ConfigError
+    from .envs import EnvironmentConfigError
+    from .evaluate import EvalError
+    from .gate_probe import probe_view
+    from .models import ModelLoadError
+    from .targets import TargetError, resolve_target
+
+    try:
+        return probe_view(resolve_target(target, config, [*overrides, f"eval.episodes={episodes}"]), *filters)
+    except (ConfigError, EnvironmentConfigError, ModelLoadError, TargetError, EvalError) as err:
+        err_console.print(f"[red]Error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(USER_ERROR) from None
+
+
+@app.command()
+def bench(
+    config: Annotated[Path, typer.Argument(help="Bench config, e.g. bench/cpu_small.yaml or bench/gpu_7b.yaml.")],
+    overrides: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="Override a bench key, e.g. --set batch.prompt_tokens=512 (repeatable)."),
+    ] = None,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="JSON report path (default: runs/bench/<config name>.json).")
+    ] = None,
+) -> None:
+    """Measure one training step of grpo and of sdar on the same synthetic rollout batch.
+
+    The model is random-initialised from the config's shape (tiny, smollm2-135m, qwen2.5-3b,
+    qwen2.5-7b: no download). Each algorithm runs in its own process; the report gives per-phase
+    seconds (generation, reference pass, teacher pass, update), tokens per second, peak memory
+    (max allocated on a GPU, peak RSS on a CPU), the memory.py estimate, and the sdar/grpo time and
+    memory ratios against the targets (1.15 and 1.05). Writes a JSON report and prints a table.
+    """
+    _quiet_libraries()
+    import json
+
+    from .bench import BenchError, heading, load_bench_config, render_table, run_benchmark, verdict_lines
+    from .config import ConfigError
+    from .models import ModelLoadError
+
+    try:
+        bench_config = load_bench_config(config, overrides)
+        with console.status("benchmarking") as status:
+            report = run_benchmark(bench_config, on_progress=lambda text: status.update(f"benchmarking: {text}"))
+    except (ConfigError, ModelLoadError, BenchError) as err:
+        err_console.print(f"[red]Error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(USER_ERROR) from None
+    console.print(heading(report), highlight=False, soft_wrap=True)
+    console.print(render_table(report))
+    for line in verdict_lines(report):
+        console.print(line, highlight=False)
+    output = output or Path("runs") / "bench" / f"{config.stem}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"Report written to {output}", highlight=False)
 
 
 def _quiet_libraries() -> None:

@@ -8,13 +8,15 @@ key path, what was expected and, for an unknown key, the closest valid one.
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-import re
-
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .prompts import check_template
 
 
 class ConfigError(ValueError):
@@ -84,8 +86,6 @@ class RolloutSettings(_Section):
     @classmethod
     def _known_placeholders(cls, template: str | None) -> str | None:
         if template is not None:
-            from .prompts import check_template
-
             check_template(template)
         return template
 
@@ -144,7 +144,17 @@ class TrainSettings(_Section):
     logprob_batch_size: int = Field(16, ge=1, description="rows per forward pass in no-grad log-prob passes")
     gradient_checkpointing: bool = False
     max_nonfinite_updates: int = Field(3, ge=1, description="stop (with a checkpoint) after this many in a row")
-    report_to: list[Literal["tensorboard", "trackio", "wandb"]] = Field(default_factory=list)
+    report_to: list[Literal["tensorboard", "trackio", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers TRL logs to (each must be installed)"
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, trackers: list[str]) -> list[str]:
+        missing = [name for name in trackers if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} not installed: pip install {' '.join(missing)}")
+        return trackers
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -152,6 +162,25 @@ class OutputSettings(_Section):
     dir: str = Field("runs/sdar", description="run directory")
     save_gates: bool = Field(True, description="write gates/step-N.jsonl with per-token gate records")
     save_total_limit: int | None = Field(None, ge=1, description="keep only the newest N checkpoints")
+
+
+class EvalSettings(_Section):
+    episodes: int = Field(64, ge=1, description="episodes `sdar eval` plays per target (tasks x samples_per_task)")
+    decoding: Literal["sample", "greedy"] = Field(
+        "sample", description="sample at eval.temperature (the paper's validation decoding) or greedy"
+    )
+    temperature: float = Field(0.4, gt=0.0, description="sampling temperature of evaluation episodes")
+    samples_per_task: int = Field(1, ge=1, description="k: episodes per task; pass@k counts a task won once any wins")
+    seed: int = Field(0, description="picks the tasks and seeds sampling: same seed, same tasks, same numbers")
+    batch_size: int = Field(32, ge=1, description="episodes played together (one progress-bar tick each batch)")
+
+    @model_validator(mode="after")
+    def _samples_divide_episodes(self) -> EvalSettings:
+        if self.episodes % self.samples_per_task:
+            raise ValueError(
+                f"eval.samples_per_task ({self.samples_per_task}) must divide eval.episodes ({self.episodes})"
+            )
+        return self
 
 
 class RunConfig(_Section):
@@ -162,6 +191,7 @@ class RunConfig(_Section):
     teacher: TeacherSettings = Field(default_factory=TeacherSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
 
     @model_validator(mode="after")
     def _micro_batches_divide_episodes(self) -> RunConfig:
@@ -176,6 +206,11 @@ class RunConfig(_Section):
     @property
     def uses_teacher(self) -> bool:
         return self.algorithm.name != "grpo" and self.algorithm.sdar_coef > 0
+
+    @property
+    def effective_gate_beta(self) -> float:
+        """The beta the gate uses: 0 for grpo_opsd (the constant gate 0.5), else algorithm.gate_beta."""
+        return 0.0 if self.algorithm.name == "grpo_opsd" else self.algorithm.gate_beta
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -230,7 +265,8 @@ def validate_config(raw: dict[str, Any]) -> RunConfig:
         raise ConfigError(_describe(err)) from None
 
 
-def _describe(err: ValidationError) -> str:
+def _describe(err: ValidationError, root: type[BaseModel] | None = None) -> str:
+    """The errors of validating `root` (default: RunConfig), one line each, with the key path."""
     lines = ["Invalid configuration:"]
     for problem in err.errors():
         loc = [str(part) for part in problem["loc"]]
@@ -238,7 +274,7 @@ def _describe(err: ValidationError) -> str:
         if not loc:
             lines.append(f"  - {problem['msg'].removeprefix('Value error, ')}.")
         elif problem["type"] == "extra_forbidden":
-            valid = _fields_at(loc[:-1])
+            valid = _fields_at(loc[:-1], root or RunConfig)
             close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
             hint = f" Did you mean '{'.'.join(loc[:-1] + close)}'?" if close else ""
             lines.append(f"  - unknown key '{key}'.{hint} Valid keys here: {', '.join(valid)}.")
@@ -248,8 +284,7 @@ def _describe(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def _fields_at(loc: list[str]) -> list[str]:
-    model: type[BaseModel] = RunConfig
+def _fields_at(loc: list[str], model: type[BaseModel]) -> list[str]:
     for part in loc:
         annotation = model.model_fields[part].annotation
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):

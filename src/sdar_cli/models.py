@@ -19,7 +19,14 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from .config import ModelSettings
 
@@ -67,16 +74,10 @@ def embedded_model_dir() -> Path:
     A gguf-loaded model cannot be trained or saved, so its weights are copied into a model built from
     its config and saved; later loads take the saved folder (well under a second).
     """
-    target = cache_dir() / "models" / EMBEDDED_MODEL
+    target = _embedded_cache_dir()
     if (target / "config.json").is_file():
         return target
-    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"The embedded default model '{EMBEDDED_MODEL}' is not installed. Install it with:\n"
-            f"    {_EMBEDDED_INSTALL}\nor set model.name to a local model folder or a hub id."
-        )
-    package_dir = Path(list(spec.submodule_search_locations)[0])
+    package_dir = _embedded_package_dir()
     if importlib.util.find_spec("gguf") is None:
         raise ModelLoadError(f"Converting the embedded model needs the 'gguf' package: {_EMBEDDED_INSTALL}")
     gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=_EMBEDDED_GGUF, dtype=torch.float32)
@@ -96,6 +97,33 @@ def embedded_model_dir() -> Path:
     except OSError:  # another process finished first: keep theirs
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _embedded_cache_dir() -> Path:
+    return cache_dir() / "models" / EMBEDDED_MODEL
+
+
+def _embedded_package_dir() -> Path:
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"The embedded default model '{EMBEDDED_MODEL}' is not installed. Install it with:\n"
+            f"    {_EMBEDDED_INSTALL}\nor set model.name to a local model folder or a hub id."
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def load_model_config(settings: ModelSettings) -> PretrainedConfig:
+    """The model's config alone (its config.json, or the embedded gguf's header): no weights are read."""
+    name = settings.name
+    if not Path(name).expanduser().is_dir() and name.lower() == EMBEDDED_MODEL:
+        if (_embedded_cache_dir() / "config.json").is_file():
+            return AutoConfig.from_pretrained(_embedded_cache_dir())
+        return AutoConfig.from_pretrained(_embedded_package_dir(), gguf_file=_EMBEDDED_GGUF)
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(name))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(_not_found_message(name, err)) from None
 
 
 def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:

@@ -129,13 +129,15 @@ class HFPolicy:
         rollout: RolloutSettings,
         max_batch_size: int = 64,
         do_sample: bool = True,
+        temperature: float | None = None,
     ):
+        """`temperature` overrides rollout.temperature (evaluation samples cooler than training)."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.generation_config = GenerationConfig(
             do_sample=do_sample,
-            temperature=rollout.temperature if do_sample else None,
+            temperature=(temperature or rollout.temperature) if do_sample else None,
             top_p=rollout.top_p if do_sample else None,
             top_k=0 if do_sample else None,  # sample the full distribution the trainer scores
             max_new_tokens=rollout.max_new_tokens,

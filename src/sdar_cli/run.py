@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import signal
 import time
@@ -20,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
 from .config import RunConfig
 from .envs import environment_factory
-from .models import load_base_model, load_tokenizer, pick_device
+from .models import load_base_model, load_model_config, load_tokenizer, pick_device, pick_dtype
 from .trainer import SDARTrainer, TrainingAborted, grpo_args
 
 METRICS_FILE = "metrics.jsonl"
@@ -73,7 +75,7 @@ def checkpoint_step(checkpoint: Path) -> int:
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """Check the run directory; return the checkpoint to resume from (None: a fresh start)."""
+    """Check the run directory, changing nothing; return the checkpoint to resume from (None: a fresh start)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"Run directory {run_dir} exists and is a file. Choose another --output-dir.")
     in_use = run_dir.is_dir() and any(run_dir.iterdir())
@@ -82,10 +84,7 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
             f"Run directory {run_dir} already holds a run. Pass --resume to continue it, or choose another "
             "--output-dir (nothing was changed)."
         )
-    checkpoint = latest_checkpoint(run_dir) if resume and in_use else None
-    forget_steps_after(run_dir, checkpoint_step(checkpoint) if checkpoint else 0)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return checkpoint
+    return latest_checkpoint(run_dir) if resume and in_use else None
 
 
 def forget_steps_after(run_dir: Path, step: int) -> None:
@@ -101,9 +100,27 @@ def forget_steps_after(run_dir: Path, step: int) -> None:
                 path.unlink()
 
 
+def check_resumable(config: RunConfig, saved_config: Path) -> None:
+    """A checkpoint's adapter and optimizer state are shaped by the model section: it must not change."""
+    if not saved_config.is_file():
+        return
+    saved = yaml.safe_load(saved_config.read_text()).get("model", {})
+    current = config.model.model_dump(mode="json")
+    changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
+    if changed:
+        raise RunDirError(
+            f"Cannot resume with a different model section (changed: {', '.join('model.' + k for k in changed)}): "
+            f"the checkpoint was trained with the one in {saved_config}. Use that model section, or a new --output-dir."
+        )
+
+
 def train(config: RunConfig, run_dir: Path, resume: bool = False, console: Console | None = None) -> TrainOutcome:
     console = console or Console()
     checkpoint = prepare_run_dir(run_dir, resume)
+    if checkpoint:
+        check_resumable(config, run_dir / CONFIG_FILE)
+    forget_steps_after(run_dir, checkpoint_step(checkpoint) if checkpoint else 0)
+    run_dir.mkdir(parents=True, exist_ok=True)
     make_env = environment_factory(config.env.name, config.env.kwargs)
     probe = make_env()
     train_task_ids = probe.task_ids(config.env.train_split)
@@ -137,8 +154,11 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False, console: Conso
         try:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except TrainingAborted as err:
-            progress.stop()
             return TrainOutcome(1, f"Training aborted: {err}", trainer.state.global_step)
+        except KeyboardInterrupt:
+            last = latest_checkpoint(run_dir)
+            kept = f"the last checkpoint is {last.name}" if last else "no checkpoint was written yet"
+            return TrainOutcome(130, f"Stopped at once by a second interrupt; {kept}.", trainer.state.global_step)
         finally:
             progress.stop()
     step = trainer.state.global_step
@@ -151,6 +171,79 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False, console: Conso
     if trainer.stop_reason:
         return TrainOutcome(1, f"Stopped: {trainer.stop_reason}", step)
     return TrainOutcome(0, f"Done: {step} steps. Run directory: {run_dir}", step)
+
+
+def dry_run(config: RunConfig, console: Console | None = None) -> list[str]:
+    """Print the estimated peak memory of the configured run without loading weights or touching the run
+    directory; return the warnings (it will not fit the visible GPU or this machine's memory)."""
+    from rich.table import Table
+
+    from .memory import ModelShape, estimate_peak_memory, setup_for_run, workload_for_run
+
+    console = console or Console()
+    model_config = load_model_config(config.model)
+    cuda_visible = torch.cuda.is_available()
+    device = "cuda" if config.train.device == "cuda" or (config.train.device == "auto" and cuda_visible) else "cpu"
+    dtype = pick_dtype(config.model.dtype, torch.device(device))
+    max_turns = config.rollout.max_turns or environment_factory(config.env.name, config.env.kwargs)().max_turns
+    workload = workload_for_run(config, max_turns)
+    setup = setup_for_run(config, device, torch.finfo(dtype).bits // 8)
+    estimate = estimate_peak_memory(ModelShape.from_config(model_config), workload, setup)
+
+    weights = "4-bit NF4" if setup.load_in_4bit else str(dtype).removeprefix("torch.")
+    console.print(
+        f"Estimated memory of {config.model.name} on {device} ({weights}, LoRA r={setup.lora_r}, "
+        f"gradient checkpointing {'on' if setup.gradient_checkpointing else 'off'}):",
+        highlight=False,
+        soft_wrap=True,
+    )
+    table = Table()
+    table.add_column("part")
+    table.add_column("GiB", justify="right")
+    for name, value in estimate.components.items():
+        table.add_row(name.replace("_", " "), _gib(value))
+    for name, value in estimate.phases.items():
+        table.add_row(f"[bold]peak during {name}[/bold]", f"[bold]{_gib(value)}[/bold]")
+    console.print(table)
+    console.print(
+        f"Worst case assumed: {workload.rows} turn-samples per step ({workload.rows // max_turns} episodes x "
+        f"{max_turns} turns) in {workload.micro_batches} micro-batch(es), {workload.prompt_tokens}-token prompts, "
+        f"{workload.response_tokens}-token responses, {workload.privileged_tokens} privileged tokens.",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(f"Estimated peak: {_gib(estimate.peak)} GiB (during {estimate.peak_phase}).", highlight=False)
+
+    warnings = []
+    if setup.load_in_4bit and device != "cuda":
+        warnings.append("model.load_in_4bit needs a CUDA GPU; the run would stop with an error on this machine.")
+    if device == "cuda" and cuda_visible:
+        capacity = torch.cuda.get_device_properties(0).total_memory
+        where = f"the visible GPU ({torch.cuda.get_device_name(0)}, {_gib(capacity)} GiB)"
+    elif device == "cuda":
+        capacity, where = None, None
+        warnings.append("train.device is cuda but no CUDA GPU is visible here: the fit could not be checked.")
+    else:
+        capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        where = f"this machine's memory ({_gib(capacity)} GiB)"
+    if capacity is not None:
+        # the CUDA context, the allocator's fragmentation and other processes need room as well
+        if estimate.peak > FIT_FRACTION * capacity:
+            warnings.append(
+                f"the estimated peak {_gib(estimate.peak)} GiB will not fit {where}. Raise train.micro_batches, "
+                "turn on train.gradient_checkpointing, shorten rollout.max_prompt_tokens, or load the model in 4-bit."
+            )
+        else:
+            console.print(f"Fits {where} with {_gib(capacity - estimate.peak)} GiB to spare.", highlight=False)
+    return warnings
+
+
+#: the share of a device's memory a run may plan to use
+FIT_FRACTION = 0.9
+
+
+def _gib(value: int) -> str:
+    return f"{value / 2**30:.2f}"
 
 
 class MetricsWriter(TrainerCallback):
@@ -175,7 +268,8 @@ class MetricsWriter(TrainerCallback):
         record.update({key: _json_number(value) for key, value in logs.items() if isinstance(value, (int, float))})
         record["step"] = state.global_step
         record["step_seconds"] = self._step_seconds
-        tokens = logs.get("response_tokens") or 0.0
+        # throughput of the step: every prompt and response token of its turn-samples, per second
+        tokens = (logs.get("prompt_tokens") or 0.0) + (logs.get("response_tokens") or 0.0)
         record["tokens_per_second"] = tokens / self._step_seconds if self._step_seconds > 0 else None
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")

@@ -33,7 +33,14 @@ from trl.models.utils import disable_gradient_checkpointing
 from .batching import collate_turn_samples
 from .config import RunConfig
 from .envs.base import Environment
-from .losses import episode_advantages, group_advantages, masked_sequence_means, masked_token_sum, sdar_gate, sdar_token_loss
+from .losses import (
+    episode_advantages,
+    group_advantages,
+    masked_sequence_means,
+    masked_token_sum,
+    sdar_gate,
+    sdar_token_loss,
+)
 from .models import adapter_switched_off, lora_config
 from .rollout import EpisodeResult, HFPolicy, TurnRenderer, TurnSample, play_episodes
 
@@ -125,7 +132,7 @@ class SDARTrainer(GRPOTrainer):
         algorithm = config.algorithm.name
         self.with_teacher = config.uses_teacher
         self.sdar_coef = config.algorithm.sdar_coef if self.with_teacher else 0.0
-        self.gate_beta = 0.0 if algorithm == "grpo_opsd" else config.algorithm.gate_beta
+        self.gate_beta = config.effective_gate_beta
         self.rl_term = algorithm != "opsd"
         self.gates_dir = Path(args.output_dir) / "gates"
         self.nonfinite_in_a_row = 0
@@ -141,7 +148,7 @@ class SDARTrainer(GRPOTrainer):
 
     # ----------------------------------------------------------------------------------- rollout
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        step_started = time.perf_counter()
+        generation_started = time.perf_counter()
         task_ids = [row["prompt"] for row in inputs]
         group_size = self.num_generations
         groups = [self._episodes_played // group_size + i // group_size for i in range(len(task_ids))]
@@ -151,13 +158,10 @@ class SDARTrainer(GRPOTrainer):
             was_training = model.training
             model.eval()
             try:
-                policy = HFPolicy(model, self.processing_class, self.config.rollout)
-                samples, episodes = play_episodes(
-                    task_ids, groups, self.make_env, policy, self.renderer, self.max_turns, self._episodes_played
-                )
+                samples, episodes = self._play_episodes(model, task_ids, groups)
             finally:
                 model.train(was_training)
-        generation_seconds = time.perf_counter() - step_started
+        generation_seconds = self._seconds_since(generation_started)
         self._episodes_played += len(task_ids)
         self._check_env_errors(episodes)
 
@@ -184,7 +188,7 @@ class SDARTrainer(GRPOTrainer):
         logits_to_keep = completion_ids.size(1)
         batch_size = self.config.train.logprob_batch_size
 
-        passes_started = time.perf_counter()
+        reference_started = time.perf_counter()
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             if self.beta != 0.0:
                 with adapter_switched_off(model):
@@ -195,6 +199,8 @@ class SDARTrainer(GRPOTrainer):
                         logits_to_keep,
                         batch_size=batch_size,
                     )
+            reference_seconds = self._seconds_since(reference_started)
+            teacher_started = time.perf_counter()
             if self.with_teacher:
                 teacher_ids = batch.pop("teacher_prompt_ids")
                 teacher_mask = batch.pop("teacher_prompt_mask")
@@ -206,13 +212,26 @@ class SDARTrainer(GRPOTrainer):
                         logits_to_keep,
                         batch_size=batch_size,
                     )
-        passes_seconds = time.perf_counter() - passes_started
+            teacher_seconds = self._seconds_since(teacher_started)
 
         self._step_samples = samples
         self._step_advantages = advantages
         self._gate_records = {}
-        self._log_rollout_metrics(samples, episodes, generation_seconds, passes_seconds)
+        self._log_rollout_metrics(samples, episodes, generation_seconds, reference_seconds, teacher_seconds)
         return batch
+
+    def _play_episodes(
+        self, model: PreTrainedModel, task_ids: list[str], groups: list[int]
+    ) -> tuple[list[TurnSample], list[EpisodeResult]]:
+        """The rollout of one step (no gradient, eval mode): each task id played once, batched."""
+        policy = HFPolicy(model, self.processing_class, self.config.rollout)
+        return play_episodes(task_ids, groups, self.make_env, policy, self.renderer, self.max_turns, self._episodes_played)
+
+    def _seconds_since(self, started: float) -> float:
+        """Wall seconds since `started`, after the GPU has finished the work queued so far."""
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize(self.accelerator.device)
+        return time.perf_counter() - started
 
     def _check_env_errors(self, episodes: list[EpisodeResult]) -> None:
         failed = [e for e in episodes if e.env_error]
@@ -223,7 +242,12 @@ class SDARTrainer(GRPOTrainer):
             )
 
     def _log_rollout_metrics(
-        self, samples: list[TurnSample], episodes: list[EpisodeResult], generation_seconds: float, passes_seconds: float
+        self,
+        samples: list[TurnSample],
+        episodes: list[EpisodeResult],
+        generation_seconds: float,
+        reference_seconds: float,
+        teacher_seconds: float,
     ) -> None:
         metrics = self._metrics["train"]
         metrics["reward_mean"].append(sum(e.outcome_reward for e in episodes) / len(episodes))
@@ -234,8 +258,11 @@ class SDARTrainer(GRPOTrainer):
         metrics["truncated_response_rate"].append(sum(s.truncated for s in samples) / max(1, len(samples)))
         metrics["turn_samples"].append(float(len(samples)))
         metrics["response_tokens"].append(float(sum(len(s.response_ids) for s in samples)))
+        metrics["prompt_tokens"].append(float(sum(len(s.prompt_ids) for s in samples)))
         metrics["generation_seconds"].append(generation_seconds)
-        metrics["logprob_pass_seconds"].append(passes_seconds)
+        metrics["reference_pass_seconds"].append(reference_seconds)
+        metrics["teacher_pass_seconds"].append(teacher_seconds)
+        metrics["logprob_pass_seconds"].append(reference_seconds + teacher_seconds)
         metrics["truncated_prompts"].append(float(self.renderer.truncated_prompts))
 
     # -------------------------------------------------------------------------------------- loss
