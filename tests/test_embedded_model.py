@@ -38,7 +38,7 @@ def test_one_sdar_step_on_the_embedded_model(tmp_path):
     run_dir = tmp_path / "run"
     overrides = [
         "rollout.tasks_per_step=1", "rollout.group_size=2", "rollout.max_turns=2", "rollout.max_new_tokens=8",
-        "rollout.history_turns=0", "rollout.response_prefix=<action>", "train.max_steps=1",
+        "rollout.history_turns=0", "rollout.response_prefix=<action>", "train.max_steps=1", "train.micro_batches=1",
     ]
     args = ["train", "examples/quickstart.yaml", "--output-dir", str(run_dir)]
     result = CliRunner().invoke(app, args + [part for o in overrides for part in ("--set", o)])
