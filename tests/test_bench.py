@@ -38,6 +38,7 @@ def test_tiny_benchmark_writes_a_complete_report(tmp_path, monkeypatch):
         assert measured["memory"]["peak_bytes"] > measured["memory"]["baseline_bytes"] > 0
         assert measured["estimate"]["peak_bytes"] > 0
     assert report["algorithms"]["sdar"]["seconds"]["teacher_pass"] > 0
+    assert report["algorithms"]["grpo"]["seconds"]["teacher_pass"] == 0.0  # grpo has no teacher pass
     for key in ("time_ratio", "time_ratio_without_generation", "time_ratio_fastest_steps", "memory_ratio"):
         assert report[key] > 0
     assert set(report["targets"]) == {"time_ratio_max", "memory_ratio_max", "time_met", "memory_met"}
@@ -69,7 +70,8 @@ def test_report_takes_medians_over_rounds_the_largest_peak_and_the_ratios():
     )
     assert report["algorithms"]["grpo"]["seconds"]["step"] == 11.0  # median of 10, 12, 11
     assert report["algorithms"]["sdar"]["memory"]["peak_bytes"] == 1150  # the largest over its processes
-    assert report["algorithms"]["grpo"]["tokens_per_second"]["step"] == pytest.approx(2 * 5 / 11.0)
+    assert report["algorithms"]["grpo"]["tokens_per_second"]["step"] == pytest.approx(2 * (256 + 5) / 11.0)
+    assert report["algorithms"]["grpo"]["tokens_per_second"]["generation"] == pytest.approx(2 * 5 / 4.0)
     assert report["time_ratio"] == pytest.approx(13.0 / 11.0)
     assert report["time_ratio_without_generation"] == pytest.approx((13.0 - 4.0) / (11.0 - 4.0))
     assert report["time_ratio_fastest_steps"] == pytest.approx(12.0 / 10.0)

@@ -33,8 +33,9 @@ def cpu_fp32(gradient_checkpointing: bool = False) -> Setup:
 def test_parameter_counts_by_hand_and_against_the_public_qwen25_sizes():
     # per layer: q 8*8 + k 8*4 + v 8*4 + o 8*8 + gate/up/down 3 * 8*16 = 576; norms 2*8 + biases 8+4+4 = 32
     assert parameter_count(SMALL) == {"embeddings": 800, "linear": 1152, "other": 2 * 32 + 8}
-    from sdar_cli.bench import SHAPES
     from transformers import AutoConfig
+
+    from sdar_cli.bench import SHAPES
 
     def total(name: str) -> int:
         shape = ModelShape.from_config(AutoConfig.for_model("qwen2", **SHAPES[name]))

@@ -132,7 +132,7 @@ def load_bench_config(path: str | Path, overrides: list[str] | None = None) -> B
     except ValidationError as err:
         raise ConfigError(_describe(err, BenchConfig).replace("configuration", "bench configuration")) from None
     bench.shape_fields()
-    run_config(bench, bench.algorithms[0], Path("unused"), Path("unused"))  # the run section validates now
+    run_config(bench, bench.algorithms[0], Path("model"), Path("run"))  # validates the run section now
     return bench
 
 
@@ -160,7 +160,7 @@ def run_config(bench: BenchConfig, algorithm: str, model_dir: Path, run_dir: Pat
 # ------------------------------------------------------------------------------------- the parent
 def run_benchmark(bench: BenchConfig, on_progress=None) -> dict[str, Any]:
     """Measure every algorithm in its own process (rounds alternate the order) and compare them."""
-    _check_machine(run_config(bench, bench.algorithms[0], Path("unused"), Path("unused")))
+    _check_machine(run_config(bench, bench.algorithms[0], Path("model"), Path("run")))
     model_dir = random_model_dir(bench.shape_name, bench.shape_fields(), bench.seed)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in bench.algorithms}
     with tempfile.TemporaryDirectory(prefix="sdar-bench-") as work:
@@ -169,7 +169,8 @@ def run_benchmark(bench: BenchConfig, on_progress=None) -> dict[str, Any]:
             for algorithm in order:
                 if on_progress:
                     on_progress(f"round {round_index + 1}/{bench.steps.rounds}: {algorithm}")
-                results[algorithm].append(_run_worker(bench, algorithm, model_dir, Path(work) / f"{algorithm}-{round_index}"))
+                work_dir = Path(work) / f"{algorithm}-{round_index}"
+                results[algorithm].append(_run_worker(bench, algorithm, model_dir, work_dir))
     return build_report(bench, results)
 
 
@@ -191,9 +192,11 @@ def _run_worker(bench: BenchConfig, algorithm: str, model_dir: Path, work_dir: P
     work_dir.mkdir(parents=True)
     spec = work_dir / "spec.json"
     result = work_dir / "result.json"
-    spec.write_text(json.dumps({"bench": bench.model_dump(mode="json"), "algorithm": algorithm, "model_dir": str(model_dir)}))
+    spec.write_text(
+        json.dumps({"bench": bench.model_dump(mode="json"), "algorithm": algorithm, "model_dir": str(model_dir)})
+    )
     completed = subprocess.run(
-        [sys.executable, "-m", "sdar_cli.bench", str(spec), str(result)], capture_output=True, text=True
+        [sys.executable, "-m", "sdar_cli.bench", str(spec), str(result)], capture_output=True, text=True, check=False
     )
     if completed.returncode != 0 or not result.is_file():
         tail = "\n".join((completed.stderr or completed.stdout).strip().splitlines()[-15:])
@@ -216,8 +219,8 @@ def build_report(bench: BenchConfig, results: dict[str, list[dict[str, Any]]]) -
             "seconds": seconds,
             "fastest_step": fastest,
             "steps": steps,
-            "tokens_per_second": {
-                "step": rows * batch.response_tokens / seconds["step"],
+            "tokens_per_second": {  # step: prompt + response tokens, as in metrics.jsonl; generation: new tokens
+                "step": rows * (batch.prompt_tokens + batch.response_tokens) / seconds["step"],
                 "generation": rows * batch.response_tokens / seconds["generation"],
             },
             "memory": memory,
@@ -277,26 +280,34 @@ def render_table(report: dict[str, Any]):
     if compare:
         table.add_column("sdar / grpo", justify="right")
 
-    def add(label: str, values: list[float | None], fmt) -> None:
-        cells = ["-" if v is None else fmt(v) for v in values]
+    def add(label: str, value_of, fmt) -> None:
+        """One row: `value_of(an algorithm's report)` per algorithm, formatted, then sdar / grpo."""
+        values = {name: value_of(report["algorithms"][name]) for name in names}
+        cells = ["-" if values[name] is None else fmt(values[name]) for name in names]
         if compare:
-            grpo, sdar = values[names.index("grpo")], values[names.index("sdar")]
-            cells.append(f"{sdar / grpo:.3f}" if grpo and sdar is not None else "-")
+            cells.append(f"{values['sdar'] / values['grpo']:.3f}" if values["grpo"] else "-")
         table.add_row(label, *cells)
 
-    algorithms = report["algorithms"]
-    seconds = lambda v: f"{v:.3f} s"  # noqa: E731
-    for phase in ("generation", "reference_pass", "teacher_pass", "update", "step"):
-        add(phase.replace("_", " ") + (" (total)" if phase == "step" else ""), [algorithms[n]["seconds"][phase] for n in names], seconds)
-    add("fastest step", [algorithms[n]["fastest_step"]["step"] for n in names], seconds)
-    add("step without generation", [algorithms[n]["seconds"]["step"] - algorithms[n]["seconds"]["generation"] for n in names], seconds)
-    add("response tokens / s", [algorithms[n]["tokens_per_second"]["step"] for n in names], lambda v: f"{v:,.1f}")
-    add("generation tokens / s", [algorithms[n]["tokens_per_second"]["generation"] for n in names], lambda v: f"{v:,.1f}")
-    gib = lambda v: f"{v / 2**30:.3f} GiB"  # noqa: E731
-    add(f"peak memory ({hardware['memory_kind']})", [algorithms[n]["memory"]["peak_bytes"] for n in names], gib)
+    def seconds(value: float) -> str:
+        return f"{value:.3f} s"
+
+    def rate(value: float) -> str:
+        return f"{value:,.1f}"
+
+    def gib(value: float) -> str:
+        return f"{value / 2**30:.3f} GiB"
+
+    for phase in ("generation", "reference_pass", "teacher_pass", "update"):
+        add(phase.replace("_", " "), lambda a, phase=phase: a["seconds"][phase], seconds)
+    add("step (total)", lambda a: a["seconds"]["step"], seconds)
+    add("fastest step", lambda a: a["fastest_step"]["step"], seconds)
+    add("step without generation", lambda a: a["seconds"]["step"] - a["seconds"]["generation"], seconds)
+    add("step tokens / s", lambda a: a["tokens_per_second"]["step"], rate)
+    add("generation tokens / s", lambda a: a["tokens_per_second"]["generation"], rate)
+    add(f"peak memory ({hardware['memory_kind']})", lambda a: a["memory"]["peak_bytes"], gib)
     if hardware["device"] == "cpu":
-        add("peak RSS over baseline", [algorithms[n]["memory"]["peak_over_baseline_bytes"] for n in names], gib)
-    add("estimated peak (memory.py)", [algorithms[n]["estimate"]["peak_bytes"] for n in names], gib)
+        add("peak RSS over baseline", lambda a: a["memory"]["peak_over_baseline_bytes"], gib)
+    add("estimated peak (memory.py)", lambda a: a["estimate"]["peak_bytes"], gib)
     return table
 
 
@@ -304,13 +315,18 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
     if "time_ratio" not in report:
         return []
     targets = report["targets"]
-    met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    time_verdict = "met" if targets["time_met"] else "NOT met"
+    memory_verdict = "met" if targets["memory_met"] else "NOT met"
     return [
-        f"time ratio sdar/grpo {report['time_ratio']:.3f} (target <= {targets['time_ratio_max']}): "
-        f"{met(targets['time_met'])}; without generation {report['time_ratio_without_generation']:.3f}; "
-        f"fastest steps {report['time_ratio_fastest_steps']:.3f}",
-        f"memory ratio sdar/grpo {report['memory_ratio']:.3f} (target <= {targets['memory_ratio_max']}): "
-        f"{met(targets['memory_met'])}",
+        (
+            f"time ratio sdar/grpo {report['time_ratio']:.3f} (target <= {targets['time_ratio_max']}): {time_verdict}; "
+            f"without generation {report['time_ratio_without_generation']:.3f}; "
+            f"fastest steps {report['time_ratio_fastest_steps']:.3f}"
+        ),
+        (
+            f"memory ratio sdar/grpo {report['memory_ratio']:.3f} (target <= {targets['memory_ratio_max']}): "
+            f"{memory_verdict}"
+        ),
     ]
 
 
@@ -423,6 +439,8 @@ def measure(bench: BenchConfig, algorithm: str, model_dir: Path, run_dir: Path) 
     after_load_bytes = _current_rss_bytes()
     rows = synthetic_rows(bench.batch, model.config.vocab_size, bench.seed)
     on_cuda = device.type == "cuda"
+    if on_cuda:  # the peak of training, not of loading (4-bit quantises while it loads)
+        torch.cuda.reset_peak_memory_stats()
 
     class SyntheticRolloutTrainer(SDARTrainer):
         def _play_episodes(self, model, task_ids, groups):
@@ -509,6 +527,7 @@ def measure(bench: BenchConfig, algorithm: str, model_dir: Path, run_dir: Path) 
         padded=False,  # every row has the same length
     )
     estimate = estimate_peak_memory(shape, workload, setup)
+    lora_parameters = lora_parameter_count(shape, setup.lora_r, setup.lora_modules)
     if on_cuda:
         peak = phase_peaks.overall
         memory = {"peak_bytes": peak, "baseline_bytes": None, "after_load_bytes": None, "peak_over_baseline_bytes": peak}
@@ -525,11 +544,16 @@ def measure(bench: BenchConfig, algorithm: str, model_dir: Path, run_dir: Path) 
         "algorithm": algorithm,
         "steps": recorder.steps[bench.steps.warmup :],
         "memory": memory,
-        "estimate": {"peak_bytes": estimate.peak, "peak_phase": estimate.peak_phase, **estimate.phases, "components": estimate.components},
+        "estimate": {
+            "peak_bytes": estimate.peak,
+            "peak_phase": estimate.peak_phase,
+            **estimate.phases,
+            "components": estimate.components,
+        },
         "shape": {
             **shape.__dict__,
-            "parameters": sum(p.numel() for p in model.parameters()) - lora_parameter_count(shape, setup.lora_r, setup.lora_modules),
-            "lora_parameters": lora_parameter_count(shape, setup.lora_r, setup.lora_modules),
+            "parameters": sum(p.numel() for p in model.parameters()) - lora_parameters,
+            "lora_parameters": lora_parameters,
         },
         "hardware": _hardware(device),
     }

@@ -213,6 +213,13 @@ def dry_run(config: RunConfig, console: Console | None = None) -> list[str]:
         soft_wrap=True,
     )
     console.print(f"Estimated peak: {_gib(estimate.peak)} GiB (during {estimate.peak_phase}).", highlight=False)
+    if device == "cpu":
+        console.print(
+            "On a CPU the process's peak RSS also holds memory glibc keeps after frees (measured: about a third "
+            "more than this estimate); MALLOC_MMAP_THRESHOLD_=131072 returns it. See docs/performance.md.",
+            highlight=False,
+            soft_wrap=True,
+        )
 
     warnings = []
     if setup.load_in_4bit and device != "cuda":

@@ -11,6 +11,9 @@ What SDAR adds, overriding three methods:
 - `_compute_loss`: TRL's GRPO loss + lambda * L_SDAR, with the gate computed from the very student
   log-probs TRL's loss used; the gates are recorded for inspection.
 - `_save_checkpoint`: written to a staging folder and renamed, so a checkpoint is whole or absent.
+
+The rollout itself is `_play_episodes`, so `sdar bench` can swap in a fixed synthetic batch and time
+the rest of the real step.
 """
 
 from __future__ import annotations
@@ -199,7 +202,7 @@ class SDARTrainer(GRPOTrainer):
                         logits_to_keep,
                         batch_size=batch_size,
                     )
-            reference_seconds = self._seconds_since(reference_started)
+            reference_seconds = self._seconds_since(reference_started) if self.beta != 0.0 else 0.0
             teacher_started = time.perf_counter()
             if self.with_teacher:
                 teacher_ids = batch.pop("teacher_prompt_ids")
@@ -212,7 +215,7 @@ class SDARTrainer(GRPOTrainer):
                         logits_to_keep,
                         batch_size=batch_size,
                     )
-            teacher_seconds = self._seconds_since(teacher_started)
+            teacher_seconds = self._seconds_since(teacher_started) if self.with_teacher else 0.0
 
         self._step_samples = samples
         self._step_advantages = advantages
