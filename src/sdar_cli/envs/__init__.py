@@ -7,16 +7,26 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from .base import Environment, Observation, Task
+from .base import Environment, EnvironmentConfigError, Observation, Task, require_module
 
-__all__ = ["BUILTIN_ENVIRONMENTS", "Environment", "EnvironmentConfigError", "Observation", "Task", "environment_factory"]
+__all__ = [
+    "BUILTIN_ENVIRONMENTS",
+    "Environment",
+    "EnvironmentConfigError",
+    "Observation",
+    "Task",
+    "environment_factory",
+    "require_module",
+]
 
 #: name in the config -> "module:Class" of the environments that ship with sdar
-BUILTIN_ENVIRONMENTS = {"household": "sdar_cli.envs.builtin:HouseholdEnv"}
-
-
-class EnvironmentConfigError(ValueError):
-    """The configured environment cannot be created; the message says how to fix it."""
+BUILTIN_ENVIRONMENTS = {
+    "household": "sdar_cli.envs.builtin:HouseholdEnv",
+    "alfworld": "sdar_cli.envs.alfworld:ALFWorldEnv",
+    "textworld": "sdar_cli.envs.textworld:TextWorldEnv",
+    "searchqa": "sdar_cli.envs.searchqa:SearchQAEnv",
+    "webshop": "sdar_cli.envs.webshop:WebShopEnv",
+}
 
 
 def environment_factory(name: str, kwargs: dict[str, Any]) -> Callable[[], Environment]:
@@ -47,7 +57,9 @@ def environment_factory(name: str, kwargs: dict[str, Any]) -> Callable[[], Envir
         return cls(**kwargs)
 
     try:
-        make()
+        make().close()
+    except EnvironmentConfigError:
+        raise
     except TypeError as err:
         raise EnvironmentConfigError(f"env.kwargs do not fit {class_name}: {err}") from None
     except ValueError as err:

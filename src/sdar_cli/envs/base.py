@@ -10,17 +10,52 @@ To plug in your own environment, subclass `Environment` and name it in the confi
     env:
       name: mypackage.myenv:MyEnv
       kwargs: {difficulty: 2}
+
+What the trainer reads from an environment:
+
+    task_ids(split)          the tasks of a split, in a fixed order
+    reset(task_id)           -> Task (id, type, description) and the first Observation
+    step(action_text)        -> Observation: text, admissible actions, reward, done, won, privileged
+    max_turns                the episode length unless rollout.max_turns says otherwise
+    rollout_defaults         rollout settings this environment needs (its action tags, prompt, history
+                             window); a value the user sets in the config wins
+    skill_bank               the shipped skill bank for the teacher ("alfworld", ...), or None
+
+Environments whose engine is an optional extra import it inside `__init__` with `require_module`,
+so a missing extra is reported with the pip command that installs it.
 """
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, ClassVar
+
+
+class EnvironmentConfigError(ValueError):
+    """The configured environment cannot be created; the message says how to fix it."""
+
+
+def require_module(module: str, extra: str, purpose: str) -> ModuleType:
+    """Import `module` or raise EnvironmentConfigError naming the pip extra that provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise EnvironmentConfigError(
+            f"{purpose} needs the Python package '{module.split('.')[0]}', which is not installed ({err}). "
+            f"Install it with: pip install 'sdar-cli[{extra}]'"
+        ) from None
 
 
 @dataclass(frozen=True)
 class Task:
-    """One task instance: what the agent is asked to do."""
+    """One task instance: what the agent is asked to do.
+
+    `task_type` selects the task's skills in rule retrieval (ALFWorld: "pick_and_place", ...;
+    Search-QA: the data source, "hotpotqa", ...).
+    """
 
     task_id: str
     task_type: str
@@ -48,6 +83,11 @@ class Environment(ABC):
 
     #: default episode length; the config's rollout.max_turns overrides it
     max_turns: int = 15
+    #: rollout settings (field name -> value) this environment needs, e.g. its action pattern and
+    #: stop strings; applied where the config leaves the field unset
+    rollout_defaults: ClassVar[dict[str, Any]] = {}
+    #: name of the shipped skill bank (src/sdar_cli/skills/<name>/) used when teacher.skills.bank is unset
+    skill_bank: ClassVar[str | None] = None
 
     @abstractmethod
     def task_ids(self, split: str) -> list[str]:
