@@ -17,3 +17,15 @@ class FlakyEnv(HouseholdEnv):
         if task_id == "train-00001":
             raise RuntimeError("flaky engine")
         return super().reset(task_id)
+
+
+class NoSkillsEnv(HouseholdEnv):
+    """An environment that ships no skill bank."""
+
+    skill_bank = None
+
+
+class TaggedEnv(HouseholdEnv):
+    """Declares the rollout settings it needs, as a plugin with its own action format would."""
+
+    rollout_defaults = {"history_turns": 4, "stop_strings": ["</go>"], "action_pattern": r"<go>(.*?)</go>"}

@@ -55,6 +55,9 @@ class EnvSettings(_Section):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the environment class")
     train_split: str = "train"
     eval_split: str = "test"
+    workers: int = Field(
+        4, ge=1, description="threads that reset and step the episodes' environments in parallel (I/O-bound engines gain)"
+    )
 
 
 class RolloutSettings(_Section):
@@ -121,14 +124,37 @@ class AlgorithmSettings(_Section):
     sdar_aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
 
 
+class SkillSettings(_Section):
+    bank: str | None = Field(
+        None, description="a shipped skill bank ('alfworld', ...) or a folder of markdown skills; None: the environment's"
+    )
+    retrieval: Literal["rule", "bm25", "all", "none"] = Field(
+        "rule", description="rule: general + task-type skills (the paper's); bm25: top_k by the task text; all; none"
+    )
+    top_k: int = Field(3, ge=1, description="skills bm25 retrieval keeps")
+
+
 class TeacherSettings(_Section):
     weights: Literal["live", "base"] = Field(
         "live", description="live: adapter on (current policy, official); base: adapter off (frozen base)"
     )
+    context: Literal["both", "skills", "plan"] = Field(
+        "both",
+        description="privileged context the teacher sees: the task's skills, the environment's expert plan from "
+        "the current state, or both (the paper: skills)",
+    )
+    skills: SkillSettings = Field(default_factory=SkillSettings)
     context_template: str = Field(
         "[Privileged Skill Information]\n{context}\n\n",
         description="text put before the student prompt for the teacher; {context} is the privileged context",
     )
+
+    @field_validator("context_template")
+    @classmethod
+    def _has_context(cls, template: str) -> str:
+        if "{context}" not in template:
+            raise ValueError("must contain the placeholder {context}")
+        return template
 
 
 class TrainSettings(_Section):
@@ -259,10 +285,45 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
 
 
 def validate_config(raw: dict[str, Any]) -> RunConfig:
+    """Validate, then fill what the config leaves to the environment: the rollout settings the environment
+    class declares in `rollout_defaults` (a value set in the config wins) and its skill bank."""
     try:
-        return RunConfig.model_validate(raw)
+        config = RunConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_describe(err)) from None
+    return with_environment_defaults(config)
+
+
+def with_environment_defaults(config: RunConfig) -> RunConfig:
+    from .envs import environment_class
+    from .skills import SkillBank, SkillBankError
+
+    env_class = environment_class(config.env.name)
+    rollout, teacher = config.rollout, config.teacher
+    defaults = dict(env_class.rollout_defaults)
+    unknown = sorted(set(defaults) - set(RolloutSettings.model_fields))
+    if unknown:
+        raise ConfigError(f"{env_class.__name__}.rollout_defaults names unknown rollout settings: {', '.join(unknown)}.")
+    if defaults:
+        unset = {key: value for key, value in defaults.items() if key not in rollout.model_fields_set}
+        explicit = rollout.model_dump(include=rollout.model_fields_set)
+        try:
+            rollout = RolloutSettings.model_validate({**unset, **explicit})
+        except ValidationError as err:
+            raise ConfigError(_describe(err, RolloutSettings).replace("  - ", "  - rollout.")) from None
+    bank = teacher.skills.bank or env_class.skill_bank
+    if teacher.context == "skills" and bank is None:
+        raise ConfigError(
+            f"teacher.context is 'skills' but {env_class.__name__} ships no skill bank: set teacher.skills.bank to a "
+            "folder of markdown skills, or teacher.context to 'plan' or 'both'."
+        )
+    if bank is not None and teacher.context != "plan":
+        try:
+            SkillBank.load(bank)
+        except SkillBankError as err:
+            raise ConfigError(str(err)) from None
+    skills = teacher.skills.model_copy(update={"bank": bank})
+    return config.model_copy(update={"rollout": rollout, "teacher": teacher.model_copy(update={"skills": skills})})
 
 
 def _describe(err: ValidationError, root: type[BaseModel] | None = None) -> str:

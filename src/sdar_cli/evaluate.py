@@ -140,7 +140,14 @@ def play_evaluation(
     for start in range(0, len(slots), settings.batch_size):
         batch = slots[start : start + settings.batch_size]
         batch_samples, batch_episodes = play_episodes(
-            [task_id for task_id, _ in batch], [group for _, group in batch], make_env, policy, renderer, max_turns, start
+            [task_id for task_id, _ in batch],
+            [group for _, group in batch],
+            make_env,
+            policy,
+            renderer,
+            max_turns,
+            start,
+            env_workers=config.env.workers,
         )
         samples += batch_samples
         episodes += batch_episodes

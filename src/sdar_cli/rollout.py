@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +19,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from .config import RolloutSettings, TeacherSettings
 from .envs.base import Environment, Observation, Task
+from .skills import SkillBank, render_skills
 from .prompts import (
     DEFAULT_PROMPT_TEMPLATE,
     canonical_action,
@@ -91,6 +94,10 @@ class TurnRenderer:
         self.teacher = teacher
         self.template = rollout.prompt_template or DEFAULT_PROMPT_TEMPLATE
         self.truncated_prompts = 0
+        uses_skills = teacher.context != "plan" and teacher.skills.bank is not None
+        self.skill_bank = SkillBank.load(teacher.skills.bank) if uses_skills else None
+        self._skills_text: dict[tuple[str, str], str] = {}
+        self._skills_lock = threading.Lock()
 
     def student_prompt_text(
         self, task: Task, history: Sequence[tuple[str, str]], observation_text: str, admissible_actions: list[str]
@@ -111,6 +118,27 @@ class TurnRenderer:
             self.truncated_prompts += 1
             ids = ids[-limit:]
         return ids
+
+    def skills_text(self, task: Task) -> str:
+        """The task's retrieved skills, rendered (the same for every turn of the task: computed once)."""
+        if self.skill_bank is None:
+            return ""
+        key = (task.task_type, task.description)
+        with self._skills_lock:
+            if key not in self._skills_text:
+                settings = self.teacher.skills
+                skills = self.skill_bank.retrieve(task.task_type, task.description, settings.retrieval, settings.top_k)
+                self._skills_text[key] = render_skills(skills)
+            return self._skills_text[key]
+
+    def privileged_context(self, task: Task, plan: str) -> str:
+        """What the teacher is shown (teacher.context): the task's skills, the expert plan, or both."""
+        parts = []
+        if self.teacher.context in ("skills", "both"):
+            parts.append(self.skills_text(task))
+        if self.teacher.context in ("plan", "both"):
+            parts.append(plan)
+        return "\n\n".join(part for part in parts if part)
 
     def teacher_prefix_ids(self, privileged: str) -> list[int]:
         if not privileged:
@@ -202,6 +230,7 @@ def play_episodes(
     renderer: TurnRenderer,
     max_turns: int,
     first_episode_index: int = 0,
+    env_workers: int = 1,
 ) -> tuple[list[TurnSample], list[EpisodeResult]]:
     """Play one episode per entry of `task_ids` (entry i belongs to group `groups[i]`), all batched.
 
@@ -209,21 +238,58 @@ def play_episodes(
     environment's rewards), minus `invalid_action_penalty` on a turn whose action was invalid. An
     invalid action does not reach the environment; the episode goes on. An exception raised by the
     environment ends that episode as failed (`env_error`), never the batch.
+
+    Each episode has its own environment object; `env_workers` threads reset and step them in
+    parallel (engines that wait on a server or a subprocess gain; results never depend on it).
     """
     rollout = renderer.rollout
     pattern = re.compile(rollout.action_pattern, re.DOTALL)
     eos = renderer.tokenizer.eos_token_id
-    episodes: list[_EpisodeState] = []
-    for offset, (task_id, group) in enumerate(zip(task_ids, groups)):
-        result = EpisodeResult(task_id, "unknown", group, first_episode_index + offset)
-        state = _EpisodeState(env=None, result=result)  # type: ignore[arg-type]
+    episodes = [
+        _EpisodeState(env=None, result=EpisodeResult(task_id, "unknown", group, first_episode_index + offset))  # type: ignore[arg-type]
+        for offset, (task_id, group) in enumerate(zip(task_ids, groups))
+    ]
+    with ThreadPoolExecutor(max_workers=max(1, env_workers), thread_name_prefix="sdar-env") as pool:
+        _run_all(pool, lambda state: _start(state, make_env), episodes)
+        samples = _play_turns(episodes, pool, policy, renderer, pattern, eos, max_turns)
+        _run_all(pool, _close, episodes)
+    return samples, [state.result for state in episodes]
+
+
+def _run_all(pool: ThreadPoolExecutor, work: Callable[[_EpisodeState], None], states: Iterable[_EpisodeState]) -> None:
+    """`work` on every state, in parallel; each call only touches its own episode."""
+    for future in [pool.submit(work, state) for state in states]:
+        future.result()
+
+
+def _start(state: _EpisodeState, make_env: Callable[[], Environment]) -> None:
+    try:
+        state.env = make_env()
+        state.task, state.observation = state.env.reset(state.result.task_id)
+        state.result.task_type = state.task.task_type
+    except Exception as err:  # noqa: BLE001 - a broken environment fails its episode, not the run
+        _fail(state, err)
+
+
+def _close(state: _EpisodeState) -> None:
+    state.done = True
+    if state.env is not None:
         try:
-            state.env = make_env()
-            state.task, state.observation = state.env.reset(task_id)
-            result.task_type = state.task.task_type
-        except Exception as err:  # noqa: BLE001 - a broken environment fails its episode, not the run
-            _fail(state, err)
-        episodes.append(state)
+            state.env.close()
+        except Exception:  # noqa: BLE001 - closing must not lose the episode's samples
+            logger.warning("closing the environment of episode %d failed", state.result.episode)
+
+
+def _play_turns(
+    episodes: list[_EpisodeState],
+    pool: ThreadPoolExecutor,
+    policy: Policy,
+    renderer: TurnRenderer,
+    pattern: re.Pattern[str],
+    eos: int | list[int] | None,
+    max_turns: int,
+) -> list[TurnSample]:
+    rollout = renderer.rollout
 
     samples: list[TurnSample] = []
     episode_samples: dict[int, list[TurnSample]] = {}
@@ -237,11 +303,13 @@ def play_episodes(
         ]
         prompt_ids = [renderer.encode(text) for text in prompt_texts]
         responses = policy(prompt_ids)
+        moves = []
         for state, prompt, response in zip(active, prompt_ids, responses):
             observation = state.observation
             text = rollout.response_prefix + renderer.tokenizer.decode(response, skip_special_tokens=True)
             action = parse_action(text, pattern)
             valid = is_valid_action(action, observation.admissible_actions)
+            privileged = renderer.privileged_context(state.task, observation.privileged)
             sample = TurnSample(
                 task_id=state.result.task_id,
                 task_type=state.result.task_type,
@@ -249,28 +317,24 @@ def play_episodes(
                 episode=state.result.episode,
                 turn=turn,
                 prompt_ids=prompt,
-                teacher_prompt_ids=renderer.teacher_prefix_ids(observation.privileged) + prompt,
+                teacher_prompt_ids=renderer.teacher_prefix_ids(privileged) + prompt,
                 response_ids=list(response),
                 action=action,
                 valid=valid,
                 truncated=len(response) >= rollout.max_new_tokens and response[-1] != eos,
-                privileged=observation.privileged,
+                privileged=privileged,
             )
             samples.append(sample)
             episode_samples.setdefault(state.result.episode, []).append(sample)
             state.result.turns += 1
-            _advance(state, action, valid)
+            moves.append((state, action, valid))
+        for future in [pool.submit(_advance, *move) for move in moves]:
+            future.result()
+    penalty = rollout.invalid_action_penalty
     for state in episodes:
-        state.done = True
-        if state.env is not None:
-            try:
-                state.env.close()
-            except Exception:  # noqa: BLE001 - closing must not lose the episode's samples
-                logger.warning("closing the environment of episode %d failed", state.result.episode)
-        penalty = rollout.invalid_action_penalty
         for sample in episode_samples.get(state.result.episode, []):
             sample.reward = state.result.outcome_reward - (0.0 if sample.valid else penalty)
-    return samples, [state.result for state in episodes]
+    return samples
 
 
 def _advance(state: _EpisodeState, action: str | None, valid: bool) -> None:

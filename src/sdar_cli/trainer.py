@@ -228,7 +228,16 @@ class SDARTrainer(GRPOTrainer):
     ) -> tuple[list[TurnSample], list[EpisodeResult]]:
         """The rollout of one step (no gradient, eval mode): each task id played once, batched."""
         policy = HFPolicy(model, self.processing_class, self.config.rollout)
-        return play_episodes(task_ids, groups, self.make_env, policy, self.renderer, self.max_turns, self._episodes_played)
+        return play_episodes(
+            task_ids,
+            groups,
+            self.make_env,
+            policy,
+            self.renderer,
+            self.max_turns,
+            self._episodes_played,
+            env_workers=self.config.env.workers,
+        )
 
     def _seconds_since(self, started: float) -> float:
         """Wall seconds since `started`, after the GPU has finished the work queued so far."""

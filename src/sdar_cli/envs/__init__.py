@@ -15,6 +15,7 @@ __all__ = [
     "EnvironmentConfigError",
     "Observation",
     "Task",
+    "environment_class",
     "environment_factory",
     "require_module",
 ]
@@ -29,12 +30,8 @@ BUILTIN_ENVIRONMENTS = {
 }
 
 
-def environment_factory(name: str, kwargs: dict[str, Any]) -> Callable[[], Environment]:
-    """A zero-argument callable that builds a fresh, independent environment object each call.
-
-    `name` is a built-in name ('household') or a plugin 'module.path:ClassName'. One object is built
-    here, so a wrong class or wrong keyword arguments fail before training starts.
-    """
+def environment_class(name: str) -> type[Environment]:
+    """The class a built-in name ('household') or a plugin 'module.path:ClassName' names."""
     target = BUILTIN_ENVIRONMENTS.get(name, name)
     module_name, sep, class_name = target.partition(":")
     if not sep or not module_name or not class_name:
@@ -52,6 +49,17 @@ def environment_factory(name: str, kwargs: dict[str, Any]) -> Callable[[], Envir
             f"env.name '{name}': '{class_name}' in module '{module_name}' must be a subclass of "
             "sdar_cli.envs.base.Environment."
         )
+    return cls
+
+
+def environment_factory(name: str, kwargs: dict[str, Any]) -> Callable[[], Environment]:
+    """A zero-argument callable that builds a fresh, independent environment object each call.
+
+    `name` is a built-in name ('household') or a plugin 'module.path:ClassName'. One object is built
+    here, so a wrong class, wrong keyword arguments or missing data fail before training starts.
+    """
+    cls = environment_class(name)
+    class_name = cls.__name__
 
     def make() -> Environment:
         return cls(**kwargs)
