@@ -35,6 +35,7 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from .batching import collate_turn_samples
 from .config import RunConfig
+from .cpu_scoring import score_only_labelled_positions_on_cpu
 from .envs.base import Environment
 from .losses import (
     episode_advantages,
@@ -125,6 +126,7 @@ class SDARTrainer(GRPOTrainer):
             peft_config=lora_config(config.model),
             callbacks=[*(callbacks or []), _NonFiniteGuard(self)],
         )
+        score_only_labelled_positions_on_cpu()
         # sdar shows its own progress and per-step summary
         self.remove_callback(PrinterCallback)
         self.remove_callback(ProgressCallback)
