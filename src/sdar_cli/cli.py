@@ -277,6 +277,57 @@ def bench(
     console.print(f"Report written to {output}", highlight=False)
 
 
+
+@app.command("compare")
+def compare_methods(
+    spec: Annotated[Path, typer.Argument(help="Comparison spec, e.g. examples/compare/household.yaml.")],
+    output_dir: Annotated[
+        Optional[Path], typer.Option("--output-dir", "-o", help="Where the runs and results go (default: the spec's output).")
+    ] = None,
+    seeds: Annotated[
+        Optional[str], typer.Option("--seeds", help="Comma-separated seeds to run instead of the spec's, e.g. 0.")
+    ] = None,
+    methods: Annotated[
+        Optional[str], typer.Option("--methods", help="Comma-separated methods to run instead of all, e.g. sdar,grpo.")
+    ] = None,
+) -> None:
+    """Train each method with each seed on the same tasks and budget, then evaluate them all.
+
+    Every (method, seed) trains in OUTPUT/METHOD-seedN (finished runs are kept, an interrupted one
+    resumes), then the untrained model and every final checkpoint play the same held-out tasks.
+    Writes OUTPUT/results.json (per run: held-out success and the training curve; per method: mean
+    and standard deviation over seeds) and OUTPUT/success.png (training success per step).
+    """
+    _quiet_libraries()
+    import json
+
+    from .compare import CompareError, compare, load_spec, plot_curves, results_table
+    from .config import ConfigError
+    from .envs import EnvironmentConfigError
+    from .evaluate import EvalError
+    from .models import ModelLoadError
+    from .run import RunDirError
+    from .targets import TargetError
+
+    try:
+        chosen_seeds = [int(part) for part in seeds.split(",")] if seeds else None
+    except ValueError:
+        err_console.print(f"[red]Error:[/red] --seeds expects integers separated by commas, got {seeds!r}.")
+        raise typer.Exit(USER_ERROR) from None
+    chosen_methods = [part.strip() for part in methods.split(",")] if methods else None
+    try:
+        destination = output_dir or Path(load_spec(spec).output)
+        results = compare(spec, destination, chosen_seeds, chosen_methods, console)
+    except (ConfigError, EnvironmentConfigError, ModelLoadError, RunDirError, TargetError, EvalError, CompareError) as err:
+        err_console.print(f"[red]Error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(USER_ERROR) from None
+    console.print(results_table(results))
+    destination.mkdir(parents=True, exist_ok=True)
+    (destination / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot_curves(results, destination / "success.png")
+    console.print(f"Results written to {destination / 'results.json'} and {destination / 'success.png'}", highlight=False)
+
+
 def _quiet_libraries() -> None:
     # library deprecation notices are for sdar's developers, not its users
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -1,0 +1,209 @@
+"""`sdar compare`: several methods x several seeds, same tasks, same budget, one results file.
+
+A comparison spec names one training config and, per method, the `--set` overrides that make it
+that method; every (method, seed) pair trains in its own run directory with `train.seed` set, then
+the untrained model and every final checkpoint play the same held-out tasks (`sdar eval`'s code).
+
+    config: ../household_compare.yaml      # relative to the spec file
+    methods:
+      grpo: [algorithm.name=grpo]
+      grpo_opsd: [algorithm.name=grpo_opsd]
+      sdar: [algorithm.name=sdar]
+    seeds: [0, 1, 2]
+    output: runs/compare/household
+
+Finished runs are kept and skipped, an interrupted one resumes, so the command can be re-run
+until it completes. The results file holds, per run, the held-out success of its final checkpoint
+and its training curve (success on the training batch of every step, from metrics.jsonl); per
+method, the mean and sample standard deviation over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from .config import ConfigError, load_config
+from .evaluate import evaluate_targets
+from .run import CONFIG_FILE, METRICS_FILE, latest_checkpoint, train
+
+
+class CompareError(ValueError):
+    """The comparison cannot go on; the message says why."""
+
+
+class CompareSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    config: str = Field(description="the training config every run shares, relative to the spec file")
+    methods: dict[str, list[str]] = Field(description="method name -> the --set overrides that make it")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    overrides: list[str] = Field(default_factory=list, description="--set overrides for every run")
+    eval_overrides: list[str] = Field(default_factory=list, description="--set overrides for the evaluation")
+    baseline: bool = Field(True, description="also evaluate the untrained model on the same tasks")
+    output: str = "runs/compare"
+
+
+def load_spec(path: Path) -> CompareSpec:
+    if not path.is_file():
+        raise ConfigError(f"Comparison spec not found: {path}.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        return CompareSpec.model_validate(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"{path}: {problems}") from None
+
+
+def run_name(method: str, seed: int) -> str:
+    return f"{method}-seed{seed}"
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def mean_and_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1); no spread for a single value."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def compare(
+    spec_path: Path,
+    output_dir: Path | None = None,
+    seeds: list[int] | None = None,
+    methods: list[str] | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Train what is missing, evaluate everything on the same tasks, return the results (JSON-ready)."""
+    console = console or Console()
+    spec = load_spec(spec_path)
+    config_path = (spec_path.parent / spec.config).resolve()
+    output_dir = output_dir or Path(spec.output)
+    unknown = sorted(set(methods or []) - set(spec.methods))
+    if unknown:
+        raise CompareError(f"unknown method(s) {unknown}; the spec has {sorted(spec.methods)}.")
+    chosen_methods = methods or list(spec.methods)
+    chosen_seeds = seeds if seeds is not None else spec.seeds
+
+    runs: list[dict[str, Any]] = []
+    for method in chosen_methods:
+        for seed in chosen_seeds:
+            run_dir = output_dir / run_name(method, seed)
+            overrides = [*spec.overrides, *spec.methods[method], f"train.seed={seed}", f"output.dir={run_dir}"]
+            config = load_config(config_path, overrides)
+            done_steps = [r["step"] for r in read_metrics(run_dir)]
+            if done_steps and max(done_steps) >= config.train.max_steps and latest_checkpoint(run_dir):
+                console.print(f"{run_name(method, seed)}: already trained ({max(done_steps)} steps), kept.")
+            else:
+                console.print(f"[bold]{run_name(method, seed)}[/bold]: training {config.train.max_steps} steps.")
+                outcome = train(config, run_dir, resume=(run_dir / CONFIG_FILE).is_file(), console=console)
+                if outcome.exit_code != 0:
+                    raise CompareError(f"{run_name(method, seed)} did not finish: {outcome.message}")
+            metrics = read_metrics(run_dir)
+            runs.append(
+                {
+                    "method": method,
+                    "seed": seed,
+                    "run_dir": str(run_dir),
+                    "train_seconds": sum(r.get("step_seconds") or 0.0 for r in metrics),
+                    "curve": [
+                        {key: r.get(key) for key in ("step", "success_rate", "reward_mean", "invalid_action_rate", "gate_mean", "gate_active_ratio")}
+                        for r in metrics
+                    ],
+                }
+            )
+
+    targets = [run["run_dir"] for run in runs]
+    base_model = load_config(config_path, spec.overrides).model.name
+    if spec.baseline:
+        targets = [base_model, *targets]
+    started = time.perf_counter()
+    report = evaluate_targets(targets, None, [*spec.overrides, *spec.eval_overrides], console)
+    eval_seconds = time.perf_counter() - started
+    by_target = {t["target"]: t for t in report["targets"]}
+    for run in runs:
+        result = by_target[run["run_dir"]]
+        run["checkpoint"] = result["checkpoint"]
+        run["final"] = result["overall"]
+    summary = {}
+    for method in chosen_methods:
+        rates = [run["final"]["success_rate"] for run in runs if run["method"] == method]
+        mean, std = mean_and_std(rates)
+        summary[method] = {"seeds": len(rates), "success_mean": mean, "success_std": std, "per_seed": rates}
+    return {
+        "spec": spec.model_dump(),
+        "spec_file": str(spec_path),
+        "evaluation": report["settings"],
+        "baseline": by_target[base_model]["overall"] if spec.baseline else None,
+        "methods": summary,
+        "runs": runs,
+        "compute": {
+            "train_seconds": sum(run["train_seconds"] for run in runs),
+            "eval_seconds": eval_seconds,
+        },
+    }
+
+
+def results_table(results: dict[str, Any]) -> Table:
+    table = Table(title=f"held-out success ({results['evaluation']['episodes']} episodes per agent)")
+    for column in ("method", "seeds", "success mean ± std", "per seed"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    baseline = results.get("baseline")
+    if baseline:
+        table.add_row("untrained", "-", f"{100 * baseline['success_rate']:.1f}%", "-")
+    for method, row in results["methods"].items():
+        spread = f" ± {100 * row['success_std']:.1f}" if row["success_std"] is not None else ""
+        table.add_row(
+            method, str(row["seeds"]), f"{100 * row['success_mean']:.1f}%{spread}",
+            ", ".join(f"{100 * r:.0f}%" for r in row["per_seed"]),
+        )
+    return table
+
+
+def plot_curves(results: dict[str, Any], path: Path) -> None:
+    """Training success per step, mean over seeds with a min-max band, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
+    for method in results["methods"]:
+        curves = [run["curve"] for run in results["runs"] if run["method"] == method]
+        steps = sorted({point["step"] for curve in curves for point in curve})
+        means, lows, highs = [], [], []
+        for step in steps:
+            values = [p["success_rate"] for c in curves for p in c if p["step"] == step and p["success_rate"] is not None]
+            means.append(sum(values) / len(values))
+            lows.append(min(values))
+            highs.append(max(values))
+        (line,) = axis.plot(steps, means, marker="o", label=f"{method} (mean of {len(curves)} seeds)")
+        axis.fill_between(steps, lows, highs, color=line.get_color(), alpha=0.15)
+    if results.get("baseline"):
+        axis.axhline(results["baseline"]["success_rate"], color="grey", linestyle="--", label="untrained, held-out")
+    axis.set_xlabel("training step")
+    axis.set_ylabel("success rate of the step's episodes")
+    axis.set_ylim(-0.02, 1.02)
+    axis.legend(loc="best", fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)

@@ -1,0 +1,79 @@
+"""`sdar compare` on the tiny model: methods x seeds, the same held-out tasks, one results file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import TINY_OVERRIDES, one_torch_thread
+from typer.testing import CliRunner
+
+from sdar_cli.cli import app
+from sdar_cli.compare import mean_and_std
+
+
+def test_mean_and_sample_std():
+    mean, std = mean_and_std([0.25, 0.5, 0.75])
+    assert mean == pytest.approx(0.5) and std == pytest.approx(0.25)
+    assert mean_and_std([0.4]) == (0.4, None)
+
+
+@pytest.fixture(scope="module")
+def comparison(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    overrides = dict(part.split("=", 1) for part in TINY_OVERRIDES)
+    overrides.update({"model.name": str(tiny_model_dir), "train.max_steps": "1", "eval.episodes": "4", "eval.batch_size": "4"})
+    (root / "train.yaml").write_text("algorithm:\n  name: sdar\n")
+    spec = {
+        "config": "train.yaml",
+        "methods": {"grpo": ["algorithm.name=grpo"], "sdar": ["algorithm.name=sdar"]},
+        "seeds": [0, 1],
+        "overrides": [f"{key}={value}" for key, value in overrides.items()],
+    }
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    with one_torch_thread():
+        first = CliRunner().invoke(app, ["compare", str(root / "spec.yaml"), "-o", str(root / "out")])
+        assert first.exit_code == 0, first.output
+        results_first = json.loads((root / "out" / "results.json").read_text())
+        again = CliRunner().invoke(app, ["compare", str(root / "spec.yaml"), "-o", str(root / "out"), "--seeds", "1", "--methods", "sdar"])
+    return root, first, results_first, again
+
+
+def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(comparison):
+    root, first, results, _ = comparison
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [("grpo", 0), ("grpo", 1), ("sdar", 0), ("sdar", 1)]
+    for run in results["runs"]:
+        config = yaml.safe_load((root / "out" / f"{run['method']}-seed{run['seed']}" / "config.yaml").read_text())
+        assert config["train"]["seed"] == run["seed"] and config["algorithm"]["name"] == run["method"]
+        assert [point["step"] for point in run["curve"]] == [1]
+        assert run["checkpoint"].endswith("checkpoint-1")
+        assert run["final"]["episodes"] == 4
+    assert len(results["evaluation"]["task_ids"]) == 4
+    assert results["baseline"]["episodes"] == 4
+    for method in ("grpo", "sdar"):
+        rates = [r["final"]["success_rate"] for r in results["runs"] if r["method"] == method]
+        assert results["methods"][method]["per_seed"] == rates
+        assert results["methods"][method]["success_mean"] == pytest.approx(sum(rates) / 2)
+    assert (root / "out" / "success.png").stat().st_size > 10_000
+    assert "held-out success" in first.output
+
+
+def test_a_rerun_keeps_finished_runs_and_reproduces_their_numbers(comparison):
+    root, _, results, again = comparison
+    assert again.exit_code == 0, again.output
+    assert "sdar-seed1: already trained (1 steps), kept." in again.output
+    rerun = json.loads((root / "out" / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in rerun["runs"]] == [("sdar", 1)]
+    before = next(r for r in results["runs"] if (r["method"], r["seed"]) == ("sdar", 1))
+    assert rerun["runs"][0]["final"] == before["final"]
+    assert rerun["baseline"] == results["baseline"]
+
+
+def test_bad_spec_or_method_is_a_user_error(tmp_path):
+    (tmp_path / "spec.yaml").write_text("config: x.yaml\nmethod: {}\n")
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "spec.yaml")])
+    assert result.exit_code == 2 and "methods" in result.output and "Traceback" not in result.output
+    (tmp_path / "spec.yaml").write_text("config: x.yaml\nmethods: {sdar: []}\n")
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "spec.yaml"), "--methods", "ppo"])
+    assert result.exit_code == 2 and "unknown method" in result.output
