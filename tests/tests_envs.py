@@ -29,3 +29,10 @@ class TaggedEnv(HouseholdEnv):
     """Declares the rollout settings it needs, as a plugin with its own action format would."""
 
     rollout_defaults = {"history_turns": 4, "stop_strings": ["</go>"], "action_pattern": r"<go>(.*?)</go>"}
+
+
+class NoExpertEnv(HouseholdEnv):
+    """An environment without an expert: `sdar warmup` must refuse it."""
+
+    def expert_action(self):
+        return None

@@ -278,6 +278,43 @@ def bench(
 
 
 
+@app.command()
+def warmup(
+    config: Annotated[Path, typer.Argument(help="Run config (its warmup section, model, env and rollout are used).")],
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Folder for the warmed-up model (must be new).")],
+    overrides: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set warmup.episodes=32.")
+    ] = None,
+) -> None:
+    """Supervised warm-up on expert demonstrations: writes a model folder that model.name can point at.
+
+    The environment's expert plays warmup.episodes train tasks; every turn is rendered as the rollout
+    renders it and the expert's action is the target response. A LoRA is fitted on the response tokens
+    (TRL's SFTTrainer), merged into the base weights and saved with the tokenizer.
+    """
+    _quiet_libraries()
+    from .config import ConfigError, load_config
+    from .envs import EnvironmentConfigError
+    from .models import ModelLoadError
+    from .warmup import WarmupError
+    from .warmup import warmup as run_warmup
+
+    try:
+        run_config = load_config(config, overrides)
+        with console.status("warm-up: demonstrations and fine-tuning"):
+            summary = run_warmup(run_config, output_dir, console)
+    except (ConfigError, EnvironmentConfigError, ModelLoadError, WarmupError) as err:
+        err_console.print(f"[red]Error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(USER_ERROR) from None
+    console.print(
+        f"Warmed-up model written to {output_dir}: {summary['episodes']} expert episodes ({summary['turns']} turns, "
+        f"{summary['expert_won']} won), {summary['optimizer_steps']} optimizer steps, loss {summary['first_loss']:.3f} -> "
+        f"{summary['last_loss']:.3f}, {summary['seconds']:.0f} s. Train from it with --set model.name={output_dir}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 @app.command("compare")
 def compare_methods(
     spec: Annotated[Path, typer.Argument(help="Comparison spec, e.g. examples/compare/household.yaml.")],

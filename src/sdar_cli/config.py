@@ -209,6 +209,25 @@ class EvalSettings(_Section):
         return self
 
 
+class WarmupSettings(_Section):
+    episodes: int = Field(64, ge=1, description="expert demonstrations (episodes on env.train_split) `sdar warmup` trains on")
+    epochs: float = Field(1.0, gt=0.0, description="passes over the demonstrations")
+    learning_rate: float = Field(2e-4, gt=0.0)
+    batch_size: int = Field(8, ge=1, description="turns per optimizer step")
+    response_template: str = Field(
+        "<action>{action}</action>",
+        description="the response taught for an expert action; rollout.response_prefix is taken off its front",
+    )
+    seed: int = Field(0, description="picks the demonstration tasks and seeds training")
+
+    @field_validator("response_template")
+    @classmethod
+    def _has_action(cls, template: str) -> str:
+        if "{action}" not in template:
+            raise ValueError("must contain the placeholder {action}")
+        return template
+
+
 class RunConfig(_Section):
     model: ModelSettings = Field(default_factory=ModelSettings)
     env: EnvSettings = Field(default_factory=EnvSettings)
@@ -218,6 +237,7 @@ class RunConfig(_Section):
     train: TrainSettings = Field(default_factory=TrainSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    warmup: WarmupSettings = Field(default_factory=WarmupSettings)
 
     @model_validator(mode="after")
     def _micro_batches_divide_episodes(self) -> RunConfig:

@@ -20,6 +20,7 @@ What the trainer reads from an environment:
     rollout_defaults         rollout settings this environment needs (its action tags, prompt, history
                              window); a value the user sets in the config wins
     skill_bank               the shipped skill bank for the teacher ("alfworld", ...), or None
+    expert_action()          optional: the expert's next action, for `sdar warmup` demonstrations
 
 Environments whose engine is an optional extra import it inside `__init__` with `require_module`,
 so a missing extra is reported with the pip command that installs it.
@@ -100,6 +101,11 @@ class Environment(ABC):
     @abstractmethod
     def step(self, action: str) -> Observation:
         """Apply one admissible action text and return what follows."""
+
+    def expert_action(self) -> str | None:
+        """The expert's next action from the current state, for `sdar warmup`'s demonstrations; None when
+        this environment has no expert (the default)."""
+        return None
 
     def close(self) -> None:
         """Release engine resources; the default has none."""

@@ -725,6 +725,10 @@ class HouseholdEnv(Environment):
         world, state = self._require_episode()
         return _plan(world, state)
 
+    def expert_action(self) -> str | None:
+        plan = self.expert_plan()
+        return plan[0] if plan else None
+
     def state_key(self) -> tuple:
         """A hashable snapshot of the episode state (for tests and debugging)."""
         return self._require_episode()[1].key()
