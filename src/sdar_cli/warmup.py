@@ -95,7 +95,9 @@ def collect_demonstrations(
 
 def warmup(config: RunConfig, output_dir: Path, console=None) -> dict[str, Any]:
     """Collect demonstrations, fine-tune, merge and save the model to `output_dir`; return the summary."""
+    import datasets
     from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     if output_dir.exists() and any(output_dir.iterdir()):
@@ -136,6 +138,7 @@ def warmup(config: RunConfig, output_dir: Path, console=None) -> dict[str, Any]:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    datasets.disable_progress_bars()
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -143,6 +146,7 @@ def warmup(config: RunConfig, output_dir: Path, console=None) -> dict[str, Any]:
         processing_class=tokenizer,
         peft_config=lora_config(config.model),
     )
+    trainer.remove_callback(PrinterCallback)  # the CLI prints one summary line
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     merged = trainer.model.merge_and_unload()
