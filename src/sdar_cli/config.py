@@ -56,7 +56,10 @@ class EnvSettings(_Section):
     train_split: str = "train"
     eval_split: str = "test"
     workers: int = Field(
-        4, ge=1, description="threads that reset and step the episodes' environments in parallel (I/O-bound engines gain)"
+        1,
+        ge=1,
+        description="threads that reset and step the episodes' environments in parallel; engines that wait on a "
+        "server gain (webshop, searchqa with a retrieval server); the engine must be thread-safe",
     )
 
 
