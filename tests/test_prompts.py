@@ -31,6 +31,19 @@ def test_validity_against_admissible_actions():
     assert is_valid_action("anything", [])  # free-form environments list no admissible actions
 
 
+def test_a_placeholder_entry_admits_the_agents_own_text():
+    admissible = ["search[<your query>]", "click[buy now]", "click[b0c1 <new>]"]
+    assert is_valid_action("search[red cotton t-shirt]", admissible)
+    assert is_valid_action("Search[Red Shirt]", admissible)
+    assert canonical_action("search[red cotton t-shirt]", admissible) == "search[red cotton t-shirt]"
+    assert not is_valid_action("search[<your query>]", admissible)  # the placeholder itself is no query
+    assert not is_valid_action("search[]", admissible)
+    assert not is_valid_action("search red shirt", admissible)
+    assert not is_valid_action("search[a] and more", admissible)
+    assert is_valid_action("click[buy now]", admissible) and not is_valid_action("click[buy]", admissible)
+    assert is_valid_action("click[b0c1 x]", admissible)
+
+
 def test_history_window_keeps_the_last_pairs_with_their_step_numbers():
     history = [("obs1", "a1"), ("obs2", "a2"), ("obs3", "a3")]
     text = render_history(history, window=2, steps_taken=3)

@@ -82,12 +82,25 @@ def parse_action(response_text: str, pattern: re.Pattern[str]) -> str | None:
 
 
 def is_valid_action(action: str | None, admissible_actions: Sequence[str]) -> bool:
-    """An action is valid when it parsed and, if the environment lists admissible actions, is one of them."""
+    """An action is valid when it parsed and, if the environment lists admissible actions, matches one of them
+    (case-insensitively). An admissible entry with a `<placeholder>` in it, such as WebShop's
+    'search[<your query>]', admits any action with the same text around non-empty text of the agent's
+    own; the placeholder written out literally is not an action."""
     if action is None:
         return False
     if not admissible_actions:
         return True
-    return action.lower() in {candidate.lower() for candidate in admissible_actions}
+    return any(_admits(candidate, action) for candidate in admissible_actions)
+
+
+def _admits(candidate: str, action: str) -> bool:
+    parts = re.split(r"<[^<>]+>", candidate)
+    if len(parts) == 1:
+        return candidate.lower() == action.lower()
+    if candidate.lower() == action.lower():
+        return False
+    pattern = "(?:.+?)".join(re.escape(part) for part in parts)
+    return re.fullmatch(pattern, action, re.IGNORECASE | re.DOTALL) is not None
 
 
 def canonical_action(action: str, admissible_actions: Sequence[str]) -> str:
