@@ -11,6 +11,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread, here and in the `sdar` subprocesses some tests start: the tiny models are fastest so, and
+# two threads crawl (10x slower, measured) whenever another process keeps the 2-core CI machine busy.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
