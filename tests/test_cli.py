@@ -101,6 +101,9 @@ def test_existing_run_directory_is_refused_without_resume(finished_run, config_f
         (["--set", "model.name=/no/such/model"], "Cannot load model '/no/such/model'"),
         (["--set", "model.load_in_4bit=true"], "needs a CUDA GPU"),
         (["--set", "env.name=nowhere.module:Env"], "cannot import module 'nowhere.module'"),
+        (["--set", "env.name=tests_envs:MissingEngineEnv"], "Install it with: pip install 'sdar-cli[alfworld]'"),
+        (["--set", "env.name=alfworld", "--set", "env.kwargs={data_path: /no/such/data}"], "alfworld-download"),
+        (["--set", "teacher.skills.bank=/no/such/skills"], "neither a shipped bank"),
     ],
 )
 def test_user_mistakes_exit_2_without_a_traceback(tiny_model_dir, config_file, tmp_path, args, message):

@@ -36,3 +36,13 @@ class NoExpertEnv(HouseholdEnv):
 
     def expert_action(self):
         return None
+
+
+class MissingEngineEnv(HouseholdEnv):
+    """Needs an engine that is not installed, as ALFWorld does without its extra."""
+
+    def __init__(self, **kwargs):
+        from sdar_cli.envs import require_module
+
+        require_module("sdar_no_such_engine", "alfworld", "The test environment")
+        super().__init__(**kwargs)

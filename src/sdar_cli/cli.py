@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 
@@ -98,10 +99,10 @@ def train(
             raise typer.Exit(0)
         outcome = run_training(run_config, Path(run_config.output.dir), resume=resume, console=console)
     except (ConfigError, EnvironmentConfigError, ModelLoadError, RunDirError) as err:
-        err_console.print(f"[red]Error:[/red] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR) from None
     style = "green" if outcome.exit_code == 0 else ("yellow" if outcome.exit_code == 130 else "red")
-    (console if outcome.exit_code == 0 else err_console).print(f"[{style}]{outcome.message}[/{style}]", highlight=False, soft_wrap=True)
+    (console if outcome.exit_code == 0 else err_console).print(f"[{style}]{escape(outcome.message)}[/{style}]", highlight=False, soft_wrap=True)
     raise typer.Exit(outcome.exit_code)
 
 
@@ -150,7 +151,7 @@ def evaluate(
     try:
         report = evaluate_targets(targets, config, cli_overrides, console)
     except (ConfigError, EnvironmentConfigError, ModelLoadError, TargetError, EvalError) as err:
-        err_console.print(f"[red]Error:[/red] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR) from None
     print_report(console, report)
     if json_path is not None:
@@ -213,7 +214,7 @@ def inspect_gates(
             write_png(png, view)
             console.print(f"Plots written to {png}", highlight=False)
     except (GateDataError, OSError) as err:
-        err_console.print(f"[red]Error:[/red] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR) from None
 
 
@@ -230,7 +231,7 @@ def _probe_gates(target: str, config: Optional[Path], episodes: int, overrides: 
     try:
         return probe_view(resolve_target(target, config, [*overrides, f"eval.episodes={episodes}"]), *filters)
     except (ConfigError, EnvironmentConfigError, ModelLoadError, TargetError, EvalError) as err:
-        err_console.print(f"[red]Error:[/red] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR) from None
 
 
@@ -265,7 +266,7 @@ def bench(
         with console.status("benchmarking") as status:
             report = run_benchmark(bench_config, on_progress=lambda text: status.update(f"benchmarking: {text}"))
     except (ConfigError, ModelLoadError, BenchError) as err:
-        err_console.print(f"[red]Error:[/red] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR) from None
     console.print(heading(report), highlight=False, soft_wrap=True)
     console.print(render_table(report))
@@ -304,7 +305,7 @@ def warmup(
         with console.status("warm-up: demonstrations and fine-tuning"):
             summary = run_warmup(run_config, output_dir, console)
     except (ConfigError, EnvironmentConfigError, ModelLoadError, WarmupError) as err:
-        err_console.print(f"[red]Error:[/red] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR) from None
     console.print(
         f"Warmed-up model written to {output_dir}: {summary['episodes']} expert episodes ({summary['turns']} turns, "
@@ -349,14 +350,14 @@ def compare_methods(
     try:
         chosen_seeds = [int(part) for part in seeds.split(",")] if seeds else None
     except ValueError:
-        err_console.print(f"[red]Error:[/red] --seeds expects integers separated by commas, got {seeds!r}.")
+        err_console.print(f"[red]Error:[/red] --seeds expects integers separated by commas, got {escape(repr(seeds))}.")
         raise typer.Exit(USER_ERROR) from None
     chosen_methods = [part.strip() for part in methods.split(",")] if methods else None
     try:
         destination = output_dir or Path(load_spec(spec).output)
         results = compare(spec, destination, chosen_seeds, chosen_methods, console)
     except (ConfigError, EnvironmentConfigError, ModelLoadError, RunDirError, TargetError, EvalError, CompareError) as err:
-        err_console.print(f"[red]Error:[/red] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR) from None
     console.print(results_table(results))
     destination.mkdir(parents=True, exist_ok=True)
