@@ -49,6 +49,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..prompts import DEFAULT_PROMPT_TEMPLATE
 from .alfworld_gen import ALFRED_TASK_TYPES, SPLITS, GenerateSpec, generate_dataset
 from .base import Environment, EnvironmentConfigError, Observation, Task, require_module
 
@@ -67,15 +68,10 @@ EXPERTS = ("fast", "planner", "none")
 #: commands that only read the world: the plan from before them still holds
 _OBSERVING = re.compile(r"(look|inventory|help|examine .+)")
 
-#: the paper's ALFWorld turn prompt (verl-agent's ALFWORLD_TEMPLATE; {task} is "Your task is to: ...")
-PROMPT_TEMPLATE = (
-    "You are an expert agent operating in the ALFRED Embodied Environment. {task}\n"
-    "{history}"
-    "You are now at step {step} and your current observation is: {observation}\n"
-    "Your admissible actions of the current situation are: [{actions}].\n\n"
-    "Now it's your turn to take an action. You should first reason step-by-step about the current situation. "
-    "This reasoning process MUST be enclosed within <think> </think> tags. Once you've finished your reasoning, "
-    "you should choose an admissible action for current step and present it within <action> </action> tags."
+#: the paper's ALFWorld turn prompt (verl-agent's ALFWORLD_TEMPLATE; {task} is "Your task is to: ..."): the
+#: default turn prompt, naming the ALFRED environment and keeping the task on the first line
+PROMPT_TEMPLATE = DEFAULT_PROMPT_TEMPLATE.replace(
+    "operating in a text-based environment.\n{task}", "operating in the ALFRED Embodied Environment. {task}"
 )
 
 
