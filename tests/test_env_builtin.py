@@ -173,6 +173,7 @@ def test_unknown_split_and_task_id_raise():
 @pytest.mark.parametrize("kwargs", [
     {"difficulty": 0}, {"difficulty": 4}, {"difficulty": 1.5}, {"num_train_tasks": 0},
     {"num_test_tasks": -1}, {"num_train_tasks": "10"}, {"seed": None}, {"difficulty": True},
+    {"task_types": []}, {"task_types": ["pick_and_place", "juggle"]}, {"task_types": 3},
 ])
 def test_bad_constructor_arguments_raise(kwargs):
     with pytest.raises(ValueError):
@@ -230,6 +231,27 @@ def test_golden_task_is_stable():
                         "a drawer 1 (closed). Other rooms: kitchen.")
     assert plan_from_privileged(obs) == ["go to kitchen", "take spoon 1 from diningtable 1",
                                          "put spoon 1 in/on countertop 1"]
+
+
+def test_task_types_restricts_the_tasks_and_leaves_the_default_alone():
+    only = HouseholdEnv(num_train_tasks=40, num_test_tasks=20, task_types=["pick_and_place", "heat_and_place"])
+    for split in ("train", "test"):
+        types = [only.reset(i)[0].task_type for i in only.task_ids(split)]
+        assert set(types) == {"pick_and_place", "heat_and_place"}
+        assert types[:4] == ["pick_and_place", "heat_and_place"] * 2  # round robin, in the order given
+    # the expert still wins the restricted tasks, and train/test stay disjoint
+    for task_id in only.task_ids("test")[:6]:
+        only.reset(task_id)
+        for action in only.expert_plan():
+            obs = only.step(action)
+        assert obs.won
+    train = {only.task_signature(i) for i in only.task_ids("train")}
+    assert not train & {only.task_signature(i) for i in only.task_ids("test")}
+    # naming all five types (or none) deals exactly the default tasks
+    default, named = HouseholdEnv(num_train_tasks=10), HouseholdEnv(num_train_tasks=10, task_types=list(TASK_TYPES))
+    assert [default.task_signature(i) for i in default.task_ids("train")] == \
+        [named.task_signature(i) for i in named.task_ids("train")]
+    assert HouseholdEnv(task_types="pick_two").task_types == ("pick_two",)
 
 
 @pytest.mark.parametrize(("difficulty", "n_train", "n_test"), [(1, 1000, 200), (2, 400, 100), (3, 400, 100)])

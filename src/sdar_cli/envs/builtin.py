@@ -611,7 +611,7 @@ def _pick_start(rng: random.Random, scale: _Scale, rooms: list[str], receps: lis
 
 
 @lru_cache(maxsize=4096)
-def _generate(seed: int, split: str, index: int, difficulty: int) -> _World:
+def _generate(seed: int, split: str, index: int, difficulty: int, task_types: tuple[str, ...] = TASK_TYPES) -> _World:
     """The world of task `index` of `split`: a pure function of its arguments.
 
     Draws candidate worlds from a stream seeded by a stable hash and keeps the first that is
@@ -619,7 +619,7 @@ def _generate(seed: int, split: str, index: int, difficulty: int) -> _World:
     """
     rng = random.Random(_stable_int("household-task", seed, split, index, difficulty))
     scale = SCALES[difficulty]
-    task_type = TASK_TYPES[index % len(TASK_TYPES)]  # round robin keeps every split balanced
+    task_type = task_types[index % len(task_types)]  # round robin keeps every split balanced
     for _ in range(10_000):
         rooms, receps = _build_house(rng, scale)
         goal = _pick_goal(rng, task_type, receps)
@@ -638,6 +638,21 @@ def _generate(seed: int, split: str, index: int, difficulty: int) -> _World:
 # --------------------------------------------------------------------------------------------
 # The environment.
 # --------------------------------------------------------------------------------------------
+
+
+def _check_task_types(task_types: object) -> tuple[str, ...]:
+    """None means all five types; otherwise a non-empty list of known types, kept in order."""
+    if task_types is None:
+        return TASK_TYPES
+    if isinstance(task_types, str):
+        task_types = [task_types]
+    if not isinstance(task_types, (list, tuple)) or not task_types:
+        raise ValueError(f"task_types must be a non-empty list of task types ({', '.join(TASK_TYPES)}), "
+                         f"got {task_types!r}")
+    unknown = [t for t in task_types if t not in TASK_TYPES]
+    if unknown:
+        raise ValueError(f"unknown task type {unknown[0]!r} in task_types; valid types are {', '.join(TASK_TYPES)}")
+    return tuple(dict.fromkeys(task_types))
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
@@ -662,13 +677,14 @@ class HouseholdEnv(Environment):
     skill_bank = "household"
 
     def __init__(self, num_train_tasks: int = 1000, num_test_tasks: int = 200, difficulty: int = 1,
-                 seed: int = 0) -> None:
+                 seed: int = 0, task_types: list[str] | None = None) -> None:
         self.num_tasks = {
             "train": _check_int("num_train_tasks", num_train_tasks, 1),
             "test": _check_int("num_test_tasks", num_test_tasks, 0),
         }
         self.difficulty = _check_int("difficulty", difficulty, 1, max(SCALES))
         self.seed = _check_int("seed", seed, -(2**63))
+        self.task_types = _check_task_types(task_types)
         self._world: _World | None = None
         self._state: _State | None = None
         self._actions: dict[str, Action] = {}  # admissible in the current state (set by _observe)
@@ -693,7 +709,7 @@ class HouseholdEnv(Environment):
         if not (index.isascii() and index.isdigit()) or int(index) >= self.num_tasks[split] or task_id != f"{split}-{int(index):05d}":
             raise ValueError(f"unknown task id {task_id!r}; {split} ids run {split}-00000 .. "
                              f"{split}-{self.num_tasks[split] - 1:05d}")
-        return _generate(self.seed, split, int(index), self.difficulty)
+        return _generate(self.seed, split, int(index), self.difficulty, self.task_types)
 
     def task_signature(self, task_id: str) -> str:
         """A canonical text of the task's world and goal: equal signatures mean equal tasks."""
