@@ -61,6 +61,8 @@ def test_warmup_writes_a_merged_model_that_fits_the_demonstrations_better(tiny_m
     assert "Warmed-up model written to" in result.output
     summary = json.loads((tmp_path / "warm" / "warmup.json").read_text())
     assert summary["episodes"] == 6 and summary["expert_won"] == 6 and summary["last_loss"] < summary["first_loss"]
+    assert summary["gradient_checkpointing"] is False  # follows train.gradient_checkpointing, not TRL's default (on)
+    assert f"warm-up step {summary['optimizer_steps']}/{summary['optimizer_steps']}" in result.output
     assert not (tmp_path / "warm.partial").exists()
 
     config = tiny_config(tiny_model_dir, tmp_path, "rollout.max_turns=15")

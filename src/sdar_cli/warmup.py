@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from .config import RunConfig
 from .envs import environment_factory
@@ -93,6 +93,22 @@ def collect_demonstrations(
     return rows, {"episodes": len(task_ids), "turns": len(rows), "expert_won": won}
 
 
+class _ProgressLines(TrainerCallback):
+    """Prints `step k/N, loss, elapsed` about ten times per run."""
+
+    def __init__(self, console, turns: int) -> None:
+        self.console, self.turns, self.started = console, turns, time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        every = max(1, state.max_steps // 10)
+        if logs and "loss" in logs and (state.global_step % every == 0 or state.global_step == state.max_steps):
+            self.console.print(
+                f"warm-up step {state.global_step}/{state.max_steps} ({self.turns} demonstration turns): "
+                f"loss {float(logs['loss']):.3f}, {time.perf_counter() - self.started:.0f} s",
+                highlight=False,
+            )
+
+
 def warmup(config: RunConfig, output_dir: Path, console=None) -> dict[str, Any]:
     """Collect demonstrations, fine-tune, merge and save the model to `output_dir`; return the summary."""
     import datasets
@@ -130,6 +146,7 @@ def warmup(config: RunConfig, output_dir: Path, console=None) -> dict[str, Any]:
         per_device_train_batch_size=settings.batch_size,
         completion_only_loss=True,
         max_length=None,
+        gradient_checkpointing=config.train.gradient_checkpointing,  # TRL's default is on; follow the config
         use_cpu=device.type == "cpu",
         bf16=model.dtype == torch.bfloat16,
         save_strategy="no",
@@ -146,7 +163,9 @@ def warmup(config: RunConfig, output_dir: Path, console=None) -> dict[str, Any]:
         processing_class=tokenizer,
         peft_config=lora_config(config.model),
     )
-    trainer.remove_callback(PrinterCallback)  # the CLI prints one summary line
+    trainer.remove_callback(PrinterCallback)  # the CLI prints a progress line per tenth and one summary line
+    if console is not None:
+        trainer.add_callback(_ProgressLines(console, counts["turns"]))
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     merged = trainer.model.merge_and_unload()
@@ -157,6 +176,7 @@ def warmup(config: RunConfig, output_dir: Path, console=None) -> dict[str, Any]:
         "model": config.model.name,
         "env": config.env.name,
         "optimizer_steps": trainer.state.global_step,
+        "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "seconds": time.perf_counter() - started,
