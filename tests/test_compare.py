@@ -37,11 +37,13 @@ def comparison(tiny_model_dir, tmp_path_factory):
         assert first.exit_code == 0, first.output
         results_first = json.loads((root / "out" / "results.json").read_text())
         again = CliRunner().invoke(app, ["compare", str(root / "spec.yaml"), "-o", str(root / "out"), "--seeds", "1", "--methods", "sdar"])
-    return root, first, results_first, again
+        replayed = CliRunner().invoke(app, ["compare", str(root / "spec.yaml"), "-o", str(root / "out"), "--seeds", "1",
+                                            "--methods", "sdar", "--reevaluate"])
+    return root, first, results_first, again, replayed
 
 
 def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(comparison):
-    root, first, results, _ = comparison
+    root, first, results, _, _ = comparison
     assert [(r["method"], r["seed"]) for r in results["runs"]] == [("grpo", 0), ("grpo", 1), ("sdar", 0), ("sdar", 1)]
     for run in results["runs"]:
         config = yaml.safe_load((root / "out" / f"{run['method']}-seed{run['seed']}" / "config.yaml").read_text())
@@ -59,15 +61,42 @@ def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(compari
     assert "held-out success" in first.output
 
 
-def test_a_rerun_keeps_finished_runs_and_reproduces_their_numbers(comparison):
-    root, _, results, again = comparison
+def test_a_rerun_keeps_finished_runs_and_their_evaluations_and_replaying_reproduces_them(comparison):
+    root, _, results, again, replayed = comparison
+    before = next(r for r in results["runs"] if (r["method"], r["seed"]) == ("sdar", 1))
     assert again.exit_code == 0, again.output
     assert "sdar-seed1: already trained (1 steps), kept." in again.output
+    assert again.output.count("evaluated before, reused") == 2  # the untrained model and sdar-seed1
+    assert len(list((root / "out" / "eval-cache").glob("*.json"))) == 5  # the untrained model and 4 runs
+    # played again from scratch, the same checkpoint on the same tasks gives the same numbers
+    assert replayed.exit_code == 0, replayed.output
+    assert "reused" not in replayed.output
     rerun = json.loads((root / "out" / "results.json").read_text())
     assert [(r["method"], r["seed"]) for r in rerun["runs"]] == [("sdar", 1)]
-    before = next(r for r in results["runs"] if (r["method"], r["seed"]) == ("sdar", 1))
     assert rerun["runs"][0]["final"] == before["final"]
     assert rerun["baseline"] == results["baseline"]
+
+
+def test_a_retrained_run_is_evaluated_again(tiny_model_dir, tmp_path):
+    """The cache key follows the checkpoint's files: new weights at the same path are not a cache hit."""
+    from sdar_cli.evaluate import evaluation_key
+    from sdar_cli.targets import resolve_target
+
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoint-1"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "adapter_config.json").write_text("{}")
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"x" * 10)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": str(tiny_model_dir)}}))
+    target = resolve_target(str(checkpoint), None, [])
+    assert target.checkpoint == checkpoint
+    settings = {"task_ids": ["test-00001"]}
+    key = evaluation_key(target, settings, 6)
+    assert evaluation_key(target, settings, 6) == key
+    assert evaluation_key(target, settings, 7) != key
+    assert evaluation_key(target, {"task_ids": ["test-00002"]}, 6) != key
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"y" * 11)
+    assert evaluation_key(target, settings, 6) != key
 
 
 def test_bad_spec_or_method_is_a_user_error(tmp_path):

@@ -328,11 +328,15 @@ def compare_methods(
     methods: Annotated[
         Optional[str], typer.Option("--methods", help="Comma-separated methods to run instead of all, e.g. sdar,grpo.")
     ] = None,
+    reevaluate: Annotated[
+        bool, typer.Option("--reevaluate", help="Play every evaluation again instead of reusing OUTPUT/eval-cache.")
+    ] = False,
 ) -> None:
     """Train each method with each seed on the same tasks and budget, then evaluate them all.
 
     Every (method, seed) trains in OUTPUT/METHOD-seedN (finished runs are kept, an interrupted one
-    resumes), then the untrained model and every final checkpoint play the same held-out tasks.
+    resumes), then the untrained model and every final checkpoint play the same held-out tasks
+    (each evaluation is kept in OUTPUT/eval-cache and reused while nothing it depends on changed).
     Writes OUTPUT/results.json (per run: held-out success and the training curve; per method: mean
     and standard deviation over seeds) and OUTPUT/success.png (training success per step).
     """
@@ -355,7 +359,7 @@ def compare_methods(
     chosen_methods = [part.strip() for part in methods.split(",")] if methods else None
     try:
         destination = output_dir or Path(load_spec(spec).output)
-        results = compare(spec, destination, chosen_seeds, chosen_methods, console)
+        results = compare(spec, destination, chosen_seeds, chosen_methods, console, reevaluate=reevaluate)
     except (ConfigError, EnvironmentConfigError, ModelLoadError, RunDirError, TargetError, EvalError, CompareError) as err:
         err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR) from None

@@ -36,6 +36,10 @@ from .evaluate import evaluate_targets
 from .run import CONFIG_FILE, METRICS_FILE, latest_checkpoint, train
 
 
+#: evaluations already played, by evaluation key (see evaluate.evaluation_key)
+EVAL_CACHE = "eval-cache"
+
+
 class CompareError(ValueError):
     """The comparison cannot go on; the message says why."""
 
@@ -90,8 +94,12 @@ def compare(
     seeds: list[int] | None = None,
     methods: list[str] | None = None,
     console: Console | None = None,
+    reevaluate: bool = False,
 ) -> dict[str, Any]:
-    """Train what is missing, evaluate everything on the same tasks, return the results (JSON-ready)."""
+    """Train what is missing, evaluate everything on the same tasks, return the results (JSON-ready).
+
+    Evaluations are kept in OUTPUT/eval-cache and reused while the checkpoint, model and settings are
+    unchanged; `reevaluate` plays every target again (and refreshes the cache)."""
     console = console or Console()
     spec = load_spec(spec_path)
     config_path = (spec_path.parent / spec.config).resolve()
@@ -135,7 +143,8 @@ def compare(
     if spec.baseline:
         targets = [base_model, *targets]
     started = time.perf_counter()
-    report = evaluate_targets(targets, None, [*spec.overrides, *spec.eval_overrides], console)
+    cache = None if reevaluate else output_dir / EVAL_CACHE
+    report = evaluate_targets(targets, None, [*spec.overrides, *spec.eval_overrides], console, cache_dir=cache)
     eval_seconds = time.perf_counter() - started
     by_target = {t["target"]: t for t in report["targets"]}
     for run in runs:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
+import json
 import math
 import random
 import time
@@ -228,8 +230,45 @@ def evaluation_tasks(config: RunConfig) -> tuple[Callable[[], Environment], list
     return make_env, choose_tasks(split_task_ids, count, config.eval.seed), probe.max_turns
 
 
-def evaluate_targets(names: Sequence[str], config_path: Path | None, overrides: list[str], console: Console) -> dict[str, Any]:
-    """Evaluate each target on the same tasks; the JSON-ready report (no timings, so reruns are identical)."""
+def _fingerprint(path: Path | None, name: str) -> list[Any]:
+    """What identifies a model or adapter on disk: its weight and config files' names, sizes and times
+    (a retrained run or a new warm-up at the same path changes them); a hub or embedded name itself."""
+    folder = path if path is not None else Path(name)
+    if not folder.is_dir():
+        return [name]
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin", ".json"))
+    return [str(folder.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def evaluation_key(target: Target, settings: dict[str, Any], max_turns: int) -> str:
+    """A hash of everything that decides a target's episodes: the tasks and decoding, the model and adapter
+    files, the prompt and action format, the turn limit and this package's version."""
+    from . import __version__
+
+    config = target.config
+    identity = {
+        "version": __version__,
+        "settings": settings,
+        "max_turns": max_turns,
+        "model": config.model.model_dump(mode="json"),
+        "model_files": _fingerprint(None, config.model.name),
+        "adapter_files": _fingerprint(target.checkpoint, "") if target.checkpoint else None,
+        "rollout": config.rollout.model_dump(mode="json"),
+        "env": config.env.model_dump(mode="json"),
+        "eval": config.eval.model_dump(mode="json"),
+        "device": config.train.device,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def evaluate_targets(
+    names: Sequence[str], config_path: Path | None, overrides: list[str], console: Console, cache_dir: Path | None = None
+) -> dict[str, Any]:
+    """Evaluate each target on the same tasks; the JSON-ready report (no timings, so reruns are identical).
+
+    With `cache_dir`, a target's report is stored there under `evaluation_key` and reused while nothing
+    that decides its episodes has changed, so a long comparison evaluates each checkpoint once.
+    """
     targets = resolve_targets(names, config_path, overrides)
     shared = targets[0].config
     make_env, task_ids, env_max_turns = evaluation_tasks(shared)
@@ -247,6 +286,14 @@ def evaluate_targets(names: Sequence[str], config_path: Path | None, overrides: 
     )
     with progress:
         for target in targets:
+            max_turns = target.config.rollout.max_turns or env_max_turns
+            cached = None
+            if cache_dir is not None:
+                cached = cache_dir / f"{evaluation_key(target, report['settings'], max_turns)}.json"
+                if cached.is_file():
+                    report["targets"].append({**json.loads(cached.read_text()), "target": target.name})
+                    progress.console.print(f"{target.name}: evaluated before, reused ({cached})", highlight=False)
+                    continue
             bar = progress.add_task(f"eval {target.name}", total=shared.eval.episodes)
             started = time.perf_counter()
             model, tokenizer = load_agent(target, pick_device(target.config.train.device))
@@ -256,7 +303,7 @@ def evaluate_targets(names: Sequence[str], config_path: Path | None, overrides: 
                 target.config,
                 task_ids,
                 make_env,
-                target.config.rollout.max_turns or env_max_turns,
+                max_turns,
                 on_batch=lambda done, bar=bar: progress.advance(bar, done),
             )
             del model
@@ -265,6 +312,11 @@ def evaluate_targets(names: Sequence[str], config_path: Path | None, overrides: 
             report["targets"].append(
                 target_report(target.name, target.kind, target.config.model.name, checkpoint, target.step, episodes)
             )
+            if cached is not None:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                staging = cached.with_suffix(".partial")
+                staging.write_text(json.dumps(report["targets"][-1], indent=1) + "\n")
+                staging.replace(cached)
             progress.console.print(
                 f"{target.name}: {len(episodes)} episodes in {time.perf_counter() - started:.1f}s", highlight=False
             )
