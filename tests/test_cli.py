@@ -177,3 +177,18 @@ def test_interrupt_checkpoints_and_resume_continues_without_gaps_or_repeats(tiny
     assert steps == [1, 2, 3, 4]
     assert latest_checkpoint(run_dir).name == "checkpoint-4"
     assert sorted(int(p.stem.split("-")[1]) for p in (run_dir / "gates").glob("step-*.jsonl")) == [1, 2, 3, 4]
+
+
+def test_training_warns_once_when_responses_run_out_of_new_tokens():
+    from rich.console import Console
+
+    from sdar_cli.run import ProgressDisplay
+
+    console = Console(record=True, width=200)
+    display = ProgressDisplay(console, total_steps=3)
+    display.summary({"step": 1, "truncated_response_rate": 0.1})
+    assert "max_new_tokens" not in console.export_text(clear=False)
+    display.summary({"step": 2, "truncated_response_rate": 0.45})
+    display.summary({"step": 3, "truncated_response_rate": 0.9})
+    text = console.export_text()
+    assert text.count("Raise rollout.max_new_tokens") == 1 and "45% of step 2's responses" in text

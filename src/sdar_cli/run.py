@@ -289,6 +289,10 @@ def _json_number(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+#: the share of a step's responses that hit rollout.max_new_tokens above which training warns (once)
+TRUNCATION_WARNING = 0.2
+
+
 class ProgressDisplay(TrainerCallback):
     """A rich progress bar with ETA, and one summary line per step."""
 
@@ -306,6 +310,7 @@ class ProgressDisplay(TrainerCallback):
         )
         self.task = self.progress.add_task("train", total=total_steps)
         self._started = False
+        self._warned_truncation = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.progress.update(self.task, completed=state.global_step)
@@ -328,6 +333,16 @@ class ProgressDisplay(TrainerCallback):
             highlight=False,
             soft_wrap=True,
         )
+        truncated = record.get("truncated_response_rate")
+        if truncated is not None and truncated >= TRUNCATION_WARNING and not self._warned_truncation:
+            self._warned_truncation = True
+            self.console.print(
+                f"[yellow]Warning:[/yellow] {truncated:.0%} of step {record['step']}'s responses used up "
+                "rollout.max_new_tokens before ending; an action cut short is invalid. Raise rollout.max_new_tokens "
+                "if the longest action (with its closing tag) does not fit.",
+                highlight=False,
+                soft_wrap=True,
+            )
 
     def stop(self) -> None:
         if self._started:
