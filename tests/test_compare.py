@@ -59,6 +59,9 @@ def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(compari
         assert results["methods"][method]["success_mean"] == pytest.approx(sum(rates) / 2)
     assert (root / "out" / "success.png").stat().st_size > 10_000
     assert "held-out success" in first.output
+    # trained seed by seed (a comparison stopped part-way is balanced), listed method by method
+    order = [first.output.index(f"{name}: training") for name in ("grpo-seed0", "sdar-seed0", "grpo-seed1", "sdar-seed1")]
+    assert order == sorted(order)
 
 
 def test_a_rerun_keeps_finished_runs_and_their_evaluations_and_replaying_reproduces_them(comparison):

@@ -111,8 +111,9 @@ def compare(
     chosen_seeds = seeds if seeds is not None else spec.seeds
 
     runs: list[dict[str, Any]] = []
-    for method in chosen_methods:
-        for seed in chosen_seeds:
+    # seed by seed, every method once per seed: a comparison stopped part-way has the same seeds for all methods
+    for seed in chosen_seeds:
+        for method in chosen_methods:
             run_dir = output_dir / run_name(method, seed)
             overrides = [*spec.overrides, *spec.methods[method], f"train.seed={seed}", f"output.dir={run_dir}"]
             config = load_config(config_path, overrides)
@@ -138,6 +139,7 @@ def compare(
                 }
             )
 
+    runs.sort(key=lambda run: (chosen_methods.index(run["method"]), chosen_seeds.index(run["seed"])))
     targets = [run["run_dir"] for run in runs]
     base_model = load_config(config_path, spec.overrides).model.name
     if spec.baseline:
