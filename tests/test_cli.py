@@ -191,4 +191,4 @@ def test_training_warns_once_when_responses_run_out_of_new_tokens():
     display.summary({"step": 2, "truncated_response_rate": 0.45})
     display.summary({"step": 3, "truncated_response_rate": 0.9})
     text = console.export_text()
-    assert text.count("Raise rollout.max_new_tokens") == 1 and "45% of step 2's responses" in text
+    assert text.count("raise rollout.max_new_tokens") == 1 and "45% of step 2's responses" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -37,13 +38,15 @@ def comparison(tiny_model_dir, tmp_path_factory):
         assert first.exit_code == 0, first.output
         results_first = json.loads((root / "out" / "results.json").read_text())
         again = CliRunner().invoke(app, ["compare", str(root / "spec.yaml"), "-o", str(root / "out"), "--seeds", "1", "--methods", "sdar"])
+        results_again = json.loads((root / "out" / "results.json").read_text())
+        written = max(f.stat().st_mtime_ns for f in (root / "out" / "eval-cache").glob("*.json"))
         replayed = CliRunner().invoke(app, ["compare", str(root / "spec.yaml"), "-o", str(root / "out"), "--seeds", "1",
                                             "--methods", "sdar", "--reevaluate"])
-    return root, first, results_first, again, replayed
+    return root, first, results_first, again, replayed, results_again, written
 
 
 def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(comparison):
-    root, first, results, _, _ = comparison
+    root, first, results, *_ = comparison
     assert [(r["method"], r["seed"]) for r in results["runs"]] == [("grpo", 0), ("grpo", 1), ("sdar", 0), ("sdar", 1)]
     for run in results["runs"]:
         config = yaml.safe_load((root / "out" / f"{run['method']}-seed{run['seed']}" / "config.yaml").read_text())
@@ -65,15 +68,19 @@ def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(compari
 
 
 def test_a_rerun_keeps_finished_runs_and_their_evaluations_and_replaying_reproduces_them(comparison):
-    root, _, results, again, replayed = comparison
+    root, _, results, again, replayed, results_again, written = comparison
     before = next(r for r in results["runs"] if (r["method"], r["seed"]) == ("sdar", 1))
     assert again.exit_code == 0, again.output
     assert "sdar-seed1: already trained (1 steps), kept." in again.output
     assert again.output.count("evaluated before, reused") == 2  # the untrained model and sdar-seed1
     assert len(list((root / "out" / "eval-cache").glob("*.json"))) == 5  # the untrained model and 4 runs
+    # the compute reported is what the evaluations took when played, not the ~0 s of reading the cache
+    assert results_again["compute"]["eval_seconds"] > 0.5
     # played again from scratch, the same checkpoint on the same tasks gives the same numbers
     assert replayed.exit_code == 0, replayed.output
     assert "reused" not in replayed.output
+    assert max(f.stat().st_mtime_ns for f in (root / "out" / "eval-cache").glob("*.json")) > written  # refreshed
+    assert not list((root / "out" / "eval-cache").glob("*.partial"))
     rerun = json.loads((root / "out" / "results.json").read_text())
     assert [(r["method"], r["seed"]) for r in rerun["runs"]] == [("sdar", 1)]
     assert rerun["runs"][0]["final"] == before["final"]
@@ -98,8 +105,35 @@ def test_a_retrained_run_is_evaluated_again(tiny_model_dir, tmp_path):
     assert evaluation_key(target, settings, 6) == key
     assert evaluation_key(target, settings, 7) != key
     assert evaluation_key(target, {"task_ids": ["test-00002"]}, 6) != key
-    (checkpoint / "adapter_model.safetensors").write_bytes(b"y" * 11)
+    # only settings that shape training batches: the same episodes, the same key
+    trained_differently = dataclasses.replace(target, config=target.config.model_copy(
+        update={"rollout": target.config.rollout.model_copy(update={"group_size": 16, "temperature": 0.3})}))
+    assert evaluation_key(trained_differently, settings, 6) == key
+    prompted_differently = dataclasses.replace(target, config=target.config.model_copy(
+        update={"rollout": target.config.rollout.model_copy(update={"max_new_tokens": 7})}))
+    assert evaluation_key(prompted_differently, settings, 6) != key
+    # retrained: same size, same path, other bytes
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"y" * 10)
     assert evaluation_key(target, settings, 6) != key
+
+
+def test_an_unreadable_cache_entry_is_played_again(tiny_model_dir, tmp_path):
+    from rich.console import Console
+
+    from sdar_cli.evaluate import evaluate_targets
+
+    overrides = [*TINY_OVERRIDES, f"model.name={tiny_model_dir}", "eval.episodes=2", "eval.batch_size=2"]
+    (tmp_path / "c.yaml").write_text("{}\n")
+    cache = tmp_path / "cache"
+    with one_torch_thread():
+        first = evaluate_targets([str(tiny_model_dir)], tmp_path / "c.yaml", overrides, Console(), cache_dir=cache)
+        (entry,) = cache.glob("*.json")
+        entry.write_text('{"report": {"overall"')  # cut short
+        seconds: dict[str, float] = {}
+        again = evaluate_targets([str(tiny_model_dir)], tmp_path / "c.yaml", overrides, Console(), cache_dir=cache,
+                                 seconds=seconds)
+    assert again == first and seconds[str(tiny_model_dir)] > 0
+    assert json.loads(entry.read_text())["report"]["overall"] == first["targets"][0]["overall"]
 
 
 def test_bad_spec_or_method_is_a_user_error(tmp_path):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -144,10 +143,11 @@ def compare(
     base_model = load_config(config_path, spec.overrides).model.name
     if spec.baseline:
         targets = [base_model, *targets]
-    started = time.perf_counter()
-    cache = None if reevaluate else output_dir / EVAL_CACHE
-    report = evaluate_targets(targets, None, [*spec.overrides, *spec.eval_overrides], console, cache_dir=cache)
-    eval_seconds = time.perf_counter() - started
+    eval_seconds: dict[str, float] = {}
+    report = evaluate_targets(
+        targets, None, [*spec.overrides, *spec.eval_overrides], console,
+        cache_dir=output_dir / EVAL_CACHE, reuse=not reevaluate, seconds=eval_seconds,
+    )
     by_target = {t["target"]: t for t in report["targets"]}
     for run in runs:
         result = by_target[run["run_dir"]]
@@ -167,7 +167,7 @@ def compare(
         "runs": runs,
         "compute": {
             "train_seconds": sum(run["train_seconds"] for run in runs),
-            "eval_seconds": eval_seconds,
+            "eval_seconds": sum(eval_seconds.values()),  # as played, also for evaluations reused from the cache
         },
     }
 

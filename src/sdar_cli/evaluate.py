@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import random
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -230,44 +231,95 @@ def evaluation_tasks(config: RunConfig) -> tuple[Callable[[], Environment], list
     return make_env, choose_tasks(split_task_ids, count, config.eval.seed), probe.max_turns
 
 
-def _fingerprint(path: Path | None, name: str) -> list[Any]:
-    """What identifies a model or adapter on disk: its weight and config files' names, sizes and times
-    (a retrained run or a new warm-up at the same path changes them); a hub or embedded name itself."""
-    folder = path if path is not None else Path(name)
-    if not folder.is_dir():
-        return [name]
-    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin", ".json"))
+#: files of a model or adapter folder that decide what it generates
+_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".jinja", ".txt", ".model")
+#: rollout settings that only shape training batches, never an evaluation episode
+_TRAINING_ONLY_ROLLOUT = ("group_size", "tasks_per_step", "temperature", "invalid_action_penalty")
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fingerprint(folder: Path, by_content: bool) -> list[Any]:
+    """What identifies a model or adapter folder: its weight, config and tokenizer files, by content
+    (adapters: a few MB) or by size and modification time (base models: hundreds of MB)."""
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in _MODEL_FILE_SUFFIXES)
+    if by_content:
+        return [[f.name, _digest(f)] for f in files]
     return [str(folder.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 def evaluation_key(target: Target, settings: dict[str, Any], max_turns: int) -> str:
     """A hash of everything that decides a target's episodes: the tasks and decoding, the model and adapter
-    files, the prompt and action format, the turn limit and this package's version."""
+    files, the prompt and action format, the turn limit, the device and dtype it runs with, and the
+    versions of this package, torch and transformers."""
+    import transformers
+
     from . import __version__
+    from .models import pick_dtype
 
     config = target.config
+    device = pick_device(config.train.device)
+    model_dir = Path(config.model.name).expanduser()
+    chat_template = config.model.chat_template
+    if chat_template and Path(chat_template).expanduser().is_file():
+        chat_template = _digest(Path(chat_template).expanduser())
     identity = {
-        "version": __version__,
+        "versions": [__version__, torch.__version__, transformers.__version__],
         "settings": settings,
         "max_turns": max_turns,
-        "model": config.model.model_dump(mode="json"),
-        "model_files": _fingerprint(None, config.model.name),
-        "adapter_files": _fingerprint(target.checkpoint, "") if target.checkpoint else None,
-        "rollout": config.rollout.model_dump(mode="json"),
-        "env": config.env.model_dump(mode="json"),
+        "model": {**config.model.model_dump(mode="json", exclude={"lora"}), "chat_template": chat_template},
+        "model_files": _fingerprint(model_dir, by_content=False) if model_dir.is_dir() else config.model.name,
+        "adapter_files": _fingerprint(target.checkpoint, by_content=True) if target.checkpoint else None,
+        "rollout": config.rollout.model_dump(mode="json", exclude=set(_TRAINING_ONLY_ROLLOUT)),
+        "env": config.env.model_dump(mode="json", exclude={"workers"}),
         "eval": config.eval.model_dump(mode="json"),
-        "device": config.train.device,
+        "device": [device.type, str(pick_dtype(config.model.dtype, device))],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def _read_cached(path: Path) -> dict[str, Any] | None:
+    """A cached evaluation, or None when there is none or it cannot be read (then it is played again)."""
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("report"), dict) or "overall" not in entry["report"]:
+        return None
+    return entry
+
+
+def _write_cached(path: Path, entry: dict[str, Any]) -> None:
+    """Write atomically (a temporary file in the same folder, then a rename); a failure only costs the cache."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".partial", delete=False) as handle:
+            handle.write(json.dumps(entry, indent=1) + "\n")
+        Path(handle.name).replace(path)
+    except OSError:
+        pass
+
+
 def evaluate_targets(
-    names: Sequence[str], config_path: Path | None, overrides: list[str], console: Console, cache_dir: Path | None = None
+    names: Sequence[str],
+    config_path: Path | None,
+    overrides: list[str],
+    console: Console,
+    cache_dir: Path | None = None,
+    reuse: bool = True,
+    seconds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Evaluate each target on the same tasks; the JSON-ready report (no timings, so reruns are identical).
 
-    With `cache_dir`, a target's report is stored there under `evaluation_key` and reused while nothing
-    that decides its episodes has changed, so a long comparison evaluates each checkpoint once.
+    With `cache_dir`, a target's report is stored there under `evaluation_key` and (when `reuse`) reused
+    while nothing that decides its episodes has changed, so a long comparison evaluates each checkpoint
+    once. `seconds`, when given, receives each target's evaluation time (the time it took when played).
     """
     targets = resolve_targets(names, config_path, overrides)
     shared = targets[0].config
@@ -290,9 +342,14 @@ def evaluate_targets(
             cached = None
             if cache_dir is not None:
                 cached = cache_dir / f"{evaluation_key(target, report['settings'], max_turns)}.json"
-                if cached.is_file():
-                    report["targets"].append({**json.loads(cached.read_text()), "target": target.name})
-                    progress.console.print(f"{target.name}: evaluated before, reused ({cached})", highlight=False)
+                entry = _read_cached(cached) if reuse else None
+                if entry is not None:
+                    report["targets"].append({**entry["report"], "target": target.name})
+                    if seconds is not None:
+                        seconds[target.name] = float(entry.get("seconds") or 0.0)
+                    progress.console.print(
+                        f"{target.name}: evaluated before, reused ({cached})", highlight=False, markup=False, soft_wrap=True
+                    )
                     continue
             bar = progress.add_task(f"eval {target.name}", total=shared.eval.episodes)
             started = time.perf_counter()
@@ -312,13 +369,13 @@ def evaluate_targets(
             report["targets"].append(
                 target_report(target.name, target.kind, target.config.model.name, checkpoint, target.step, episodes)
             )
+            played_seconds = time.perf_counter() - started
+            if seconds is not None:
+                seconds[target.name] = played_seconds
             if cached is not None:
-                cache_dir.mkdir(parents=True, exist_ok=True)
-                staging = cached.with_suffix(".partial")
-                staging.write_text(json.dumps(report["targets"][-1], indent=1) + "\n")
-                staging.replace(cached)
+                _write_cached(cached, {"report": report["targets"][-1], "seconds": played_seconds})
             progress.console.print(
-                f"{target.name}: {len(episodes)} episodes in {time.perf_counter() - started:.1f}s", highlight=False
+                f"{target.name}: {len(episodes)} episodes in {played_seconds:.1f}s", highlight=False
             )
     return report
 

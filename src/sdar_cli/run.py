@@ -338,8 +338,8 @@ class ProgressDisplay(TrainerCallback):
             self._warned_truncation = True
             self.console.print(
                 f"[yellow]Warning:[/yellow] {truncated:.0%} of step {record['step']}'s responses used up "
-                "rollout.max_new_tokens before ending; an action cut short is invalid. Raise rollout.max_new_tokens "
-                "if the longest action (with its closing tag) does not fit.",
+                "rollout.max_new_tokens without an end-of-sequence token. If actions are being cut short (they "
+                "are then invalid), raise rollout.max_new_tokens so the longest action and its closing tag fit.",
                 highlight=False,
                 soft_wrap=True,
             )

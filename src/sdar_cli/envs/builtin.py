@@ -9,7 +9,7 @@ one of the admissible action strings:
     open <recep>                  close <recep>                 examine <recep or held obj>
     clean <obj> with <sinkbasin>  heat <obj> with <microwave>   inventory      look
 
-Everything is derived from (seed, split, index, difficulty) with a stable hash, so a task id
+Everything is derived from (seed, split, index, difficulty, task_types) with a stable hash, so a task id
 names the same world on every machine, and train and test worlds never coincide. The expert
 plan shown to the teacher (`Observation.privileged`) is recomputed from the current state on
 every step, so it stays right after the agent wanders off it.
