@@ -14,6 +14,21 @@ from sdar_cli.cli import app
 from sdar_cli.compare import mean_and_std
 
 
+def test_best_checkpoint_is_the_saved_step_with_the_highest_training_success(tmp_path):
+    from sdar_cli.compare import best_checkpoint
+
+    for step in (2, 4, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-5").mkdir()  # incomplete: no trainer_state.json
+    metrics = [{"step": s, "success_rate": r} for s, r in [(1, 0.9), (2, 0.5), (3, 0.2), (4, 0.75), (5, 1.0), (6, 0.75)]]
+    # step 1 and 5 scored higher but have no (complete) checkpoint; 4 and 6 tie: the later one
+    assert best_checkpoint(tmp_path, metrics) == tmp_path / "checkpoint-6"
+    metrics[3]["success_rate"] = 0.8
+    assert best_checkpoint(tmp_path, metrics) == tmp_path / "checkpoint-4"
+    assert best_checkpoint(tmp_path, [{"step": 3, "success_rate": 0.5}]) is None
+
+
 def test_mean_and_sample_std():
     mean, std = mean_and_std([0.25, 0.5, 0.75])
     assert mean == pytest.approx(0.5) and std == pytest.approx(0.25)
@@ -31,6 +46,7 @@ def comparison(tiny_model_dir, tmp_path_factory):
         "methods": {"grpo": ["algorithm.name=grpo"], "sdar": ["algorithm.name=sdar"]},
         "seeds": [0, 1],
         "overrides": [f"{key}={value}" for key, value in overrides.items()],
+        "best": True,
     }
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
     with one_torch_thread():
@@ -54,6 +70,8 @@ def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(compari
         assert [point["step"] for point in run["curve"]] == [1]
         assert run["checkpoint"].endswith("checkpoint-1")
         assert run["final"]["episodes"] == 4
+        # one step: the best checkpoint is the final one, evaluated once
+        assert run["best"]["step"] == 1 and run["best"]["success_rate"] == run["final"]["success_rate"]
     assert len(results["evaluation"]["task_ids"]) == 4
     assert results["baseline"]["episodes"] == 4
     for method in ("grpo", "sdar"):
@@ -61,7 +79,7 @@ def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(compari
         assert results["methods"][method]["per_seed"] == rates
         assert results["methods"][method]["success_mean"] == pytest.approx(sum(rates) / 2)
     assert (root / "out" / "success.png").stat().st_size > 10_000
-    assert "held-out success" in first.output
+    assert "held-out success" in first.output and "best ckpt" in first.output
     # trained seed by seed (a comparison stopped part-way is balanced), listed method by method
     order = [first.output.index(f"{name}: training") for name in ("grpo-seed0", "sdar-seed0", "grpo-seed1", "sdar-seed1")]
     assert order == sorted(order)
@@ -143,3 +161,24 @@ def test_bad_spec_or_method_is_a_user_error(tmp_path):
     (tmp_path / "spec.yaml").write_text("config: x.yaml\nmethods: {sdar: []}\n")
     result = CliRunner().invoke(app, ["compare", str(tmp_path / "spec.yaml"), "--methods", "ppo"])
     assert result.exit_code == 2 and "unknown method" in result.output
+
+
+def test_a_best_checkpoint_before_the_last_is_evaluated_as_its_own_target(tiny_model_dir, tmp_path, monkeypatch):
+    import sdar_cli.compare as compare_module
+
+    overrides = dict(part.split("=", 1) for part in TINY_OVERRIDES)
+    overrides.update({"model.name": str(tiny_model_dir), "train.max_steps": "2", "train.save_steps": "1",
+                      "eval.episodes": "2", "eval.batch_size": "2"})
+    (tmp_path / "train.yaml").write_text("algorithm:\n  name: grpo\n")
+    spec = {"config": "train.yaml", "methods": {"grpo": []}, "seeds": [0], "best": True, "baseline": False,
+            "overrides": [f"{key}={value}" for key, value in overrides.items()]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.setattr(compare_module, "best_checkpoint", lambda run_dir, metrics: run_dir / "checkpoint-1")
+    with one_torch_thread():
+        result = CliRunner().invoke(app, ["compare", str(tmp_path / "spec.yaml"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    (run,) = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert run["checkpoint"].endswith("checkpoint-2") and run["best"]["checkpoint"].endswith("checkpoint-1")
+    assert run["best"]["step"] == 1 and run["best"]["episodes"] == 2
+    assert "best_target" not in run
+    assert len(list((tmp_path / "out" / "eval-cache").glob("*.json"))) == 2  # the final and the best checkpoint

@@ -52,6 +52,11 @@ class CompareSpec(BaseModel):
     overrides: list[str] = Field(default_factory=list, description="--set overrides for every run")
     eval_overrides: list[str] = Field(default_factory=list, description="--set overrides for the evaluation")
     baseline: bool = Field(True, description="also evaluate the untrained model on the same tasks")
+    best: bool = Field(
+        False,
+        description="also evaluate each run's best checkpoint: the saved step with the highest training success "
+        "(training batches only, never the held-out tasks; the latest step on ties)",
+    )
     output: str = "runs/compare"
 
 
@@ -77,6 +82,16 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def best_checkpoint(run_dir: Path, metrics: list[dict[str, Any]]) -> Path | None:
+    """The saved checkpoint whose step had the highest training success (the latest on ties); None if none."""
+    saved = {r["step"]: run_dir / f"checkpoint-{r['step']}" for r in metrics if r.get("success_rate") is not None}
+    saved = {step: path for step, path in saved.items() if (path / "trainer_state.json").is_file()}
+    if not saved:
+        return None
+    rate = {r["step"]: r["success_rate"] for r in metrics if r["step"] in saved}
+    return saved[max(saved, key=lambda step: (rate[step], step))]
 
 
 def mean_and_std(values: list[float]) -> tuple[float, float | None]:
@@ -140,6 +155,12 @@ def compare(
 
     runs.sort(key=lambda run: (chosen_methods.index(run["method"]), chosen_seeds.index(run["seed"])))
     targets = [run["run_dir"] for run in runs]
+    if spec.best:
+        for run in runs:
+            best = best_checkpoint(Path(run["run_dir"]), read_metrics(Path(run["run_dir"])))
+            if best is not None and best != latest_checkpoint(Path(run["run_dir"])):
+                run["best_target"] = str(best)
+                targets.append(str(best))
     base_model = load_config(config_path, spec.overrides).model.name
     if spec.baseline:
         targets = [base_model, *targets]
@@ -153,11 +174,18 @@ def compare(
         result = by_target[run["run_dir"]]
         run["checkpoint"] = result["checkpoint"]
         run["final"] = result["overall"]
+        if spec.best:
+            best = by_target[run.pop("best_target")] if "best_target" in run else result
+            run["best"] = {"step": best["step"], "checkpoint": best["checkpoint"], **best["overall"]}
     summary = {}
     for method in chosen_methods:
         rates = [run["final"]["success_rate"] for run in runs if run["method"] == method]
         mean, std = mean_and_std(rates)
         summary[method] = {"seeds": len(rates), "success_mean": mean, "success_std": std, "per_seed": rates}
+        if spec.best:
+            best_rates = [run["best"]["success_rate"] for run in runs if run["method"] == method]
+            best_mean, best_std = mean_and_std(best_rates)
+            summary[method].update(best_mean=best_mean, best_std=best_std, best_per_seed=best_rates)
     return {
         "spec": spec.model_dump(),
         "spec_file": str(spec_path),
@@ -174,17 +202,23 @@ def compare(
 
 def results_table(results: dict[str, Any]) -> Table:
     table = Table(title=f"held-out success ({results['evaluation']['episodes']} episodes per agent)")
-    for column in ("method", "seeds", "success mean ± std", "per seed"):
+    with_best = results["spec"].get("best", False)
+    columns = ["method", "seeds", "success mean ± std", "per seed"] + (["best ckpt mean ± std"] if with_best else [])
+    for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right")
+
+    def rate(mean: float, std: float | None) -> str:
+        return f"{100 * mean:.1f}%" + (f" ± {100 * std:.1f}" if std is not None else "")
+
     baseline = results.get("baseline")
     if baseline:
-        table.add_row("untrained", "-", f"{100 * baseline['success_rate']:.1f}%", "-")
+        table.add_row("untrained", "-", f"{100 * baseline['success_rate']:.1f}%", "-", *(["-"] if with_best else []))
     for method, row in results["methods"].items():
-        spread = f" ± {100 * row['success_std']:.1f}" if row["success_std"] is not None else ""
-        table.add_row(
-            method, str(row["seeds"]), f"{100 * row['success_mean']:.1f}%{spread}",
-            ", ".join(f"{100 * r:.0f}%" for r in row["per_seed"]),
-        )
+        cells = [method, str(row["seeds"]), rate(row["success_mean"], row["success_std"]),
+                 ", ".join(f"{100 * r:.0f}%" for r in row["per_seed"])]
+        if with_best:
+            cells.append(rate(row["best_mean"], row["best_std"]))
+        table.add_row(*cells)
     return table
 
 
