@@ -142,6 +142,27 @@ def test_dry_run_prints_the_estimate_and_writes_nothing(tiny_model_dir, tmp_path
     assert not run_dir.exists()
 
 
+def test_dry_run_measures_the_teachers_privileged_prefix(tiny_model_dir):
+    from sdar_cli.config import load_config
+    from sdar_cli.envs.builtin import HouseholdEnv
+    from sdar_cli.models import load_tokenizer
+    from sdar_cli.rollout import TurnRenderer
+    from sdar_cli.run import measured_privileged_tokens
+
+    base = [f"model.name={tiny_model_dir}", "train.device=cpu"]
+    plan_only = load_config(None, [*base, "teacher.context=plan"])
+    renderer = TurnRenderer(load_tokenizer(plan_only.model), plan_only.rollout, plan_only.teacher)
+    env, lengths = HouseholdEnv(), []
+    for task_id in env.task_ids("train")[:8]:
+        task, observation = env.reset(task_id)
+        lengths.append(len(renderer.teacher_prefix_ids(renderer.privileged_context(task, observation.privileged))))
+    assert measured_privileged_tokens(plan_only) == max(lengths) > 20
+    # skills and plan: longer; no teacher: none; a model whose tokenizer cannot load: unknown
+    assert measured_privileged_tokens(load_config(None, [*base, "teacher.context=both"])) > max(lengths) + 50
+    assert measured_privileged_tokens(load_config(None, [*base, "algorithm.name=grpo"])) == 0
+    assert measured_privileged_tokens(load_config(None, ["model.name=/nonexistent/model"])) is None
+
+
 def test_dry_run_warns_when_the_run_cannot_fit(tiny_model_dir, tmp_path, monkeypatch):
     import sdar_cli.run as run_module
     from sdar_cli.config import load_config

@@ -173,6 +173,35 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False, console: Conso
     return TrainOutcome(0, f"Done: {step} steps. Run directory: {run_dir}", step)
 
 
+#: how many train tasks the dry run reads to measure the teacher's privileged prefix
+PRIVILEGED_SAMPLE_TASKS = 8
+
+
+def measured_privileged_tokens(config: RunConfig, tasks: int = PRIVILEGED_SAMPLE_TASKS) -> int | None:
+    """The longest teacher prefix (teacher.context_template around the skills and/or plan) over the first
+    turns of `tasks` train tasks, in tokens; None when it cannot be measured here (tokenizer or environment
+    not available offline) or the algorithm has no teacher."""
+    from .rollout import TurnRenderer
+
+    if not config.uses_teacher:
+        return 0
+    try:
+        tokenizer = load_tokenizer(config.model)
+        renderer = TurnRenderer(tokenizer, config.rollout, config.teacher)
+        env = environment_factory(config.env.name, config.env.kwargs)()
+        try:
+            longest = 0
+            for task_id in env.task_ids(config.env.train_split)[:tasks]:
+                task, observation = env.reset(task_id)
+                privileged = renderer.privileged_context(task, observation.privileged)
+                longest = max(longest, len(renderer.teacher_prefix_ids(privileged)))
+            return longest
+        finally:
+            env.close()
+    except Exception:  # noqa: BLE001 - any failure only means the estimate falls back to the assumption
+        return None
+
+
 def dry_run(config: RunConfig, console: Console | None = None) -> list[str]:
     """Print the estimated peak memory of the configured run without loading weights or touching the run
     directory; return the warnings (it will not fit the visible GPU or this machine's memory)."""
@@ -186,7 +215,13 @@ def dry_run(config: RunConfig, console: Console | None = None) -> list[str]:
     device = "cuda" if config.train.device == "cuda" or (config.train.device == "auto" and cuda_visible) else "cpu"
     dtype = pick_dtype(config.model.dtype, torch.device(device))
     max_turns = config.rollout.max_turns or environment_factory(config.env.name, config.env.kwargs)().max_turns
-    workload = workload_for_run(config, max_turns)
+    measured = measured_privileged_tokens(config)
+    if measured is None:
+        workload = workload_for_run(config, max_turns)
+        privileged_note = f"{workload.privileged_tokens} privileged tokens (assumed: could not be measured here)"
+    else:
+        workload = workload_for_run(config, max_turns, privileged_tokens=measured)
+        privileged_note = f"{measured} privileged tokens (the longest of {PRIVILEGED_SAMPLE_TASKS} train tasks' first turns)"
     setup = setup_for_run(config, device, torch.finfo(dtype).bits // 8)
     estimate = estimate_peak_memory(ModelShape.from_config(model_config), workload, setup)
 
@@ -208,7 +243,7 @@ def dry_run(config: RunConfig, console: Console | None = None) -> list[str]:
     console.print(
         f"Worst case assumed: {workload.rows} turn-samples per step ({workload.rows // max_turns} episodes x "
         f"{max_turns} turns) in {workload.micro_batches} micro-batch(es), {workload.prompt_tokens}-token prompts, "
-        f"{workload.response_tokens}-token responses, {workload.privileged_tokens} privileged tokens.",
+        f"{workload.response_tokens}-token responses, {privileged_note}.",
         highlight=False,
         soft_wrap=True,
     )
