@@ -74,6 +74,11 @@ def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(compari
         assert run["best"]["step"] == 1 and run["best"]["success_rate"] == run["final"]["success_rate"]
     assert len(results["evaluation"]["task_ids"]) == 4
     assert results["baseline"]["episodes"] == 4
+    # teacher statistics: averaged over the sdar runs' steps, absent for grpo (no teacher pass)
+    sdar_gates = [p["gate_mean"] for r in results["runs"] if r["method"] == "sdar" for p in r["curve"]]
+    assert results["methods"]["sdar"]["teacher"]["gate_mean"] == pytest.approx(sum(sdar_gates) / len(sdar_gates))
+    assert 0 < results["methods"]["sdar"]["teacher"]["gate_mean"] < 1
+    assert results["methods"]["grpo"]["teacher"] == {"gate_mean": None, "gate_active_ratio": None, "teacher_gap_mean": None}
     for method in ("grpo", "sdar"):
         rates = [r["final"]["success_rate"] for r in results["runs"] if r["method"] == method]
         assert results["methods"][method]["per_seed"] == rates

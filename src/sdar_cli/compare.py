@@ -35,6 +35,12 @@ from .evaluate import evaluate_targets
 from .run import CONFIG_FILE, METRICS_FILE, latest_checkpoint, train
 
 
+#: what each run's training curve keeps from metrics.jsonl, per step
+CURVE_KEYS = ("step", "success_rate", "reward_mean", "invalid_action_rate", "gate_mean", "gate_active_ratio",
+              "teacher_gap_mean", "kl")
+#: the teacher statistics averaged over every step of every seed, per method (None for methods without a teacher)
+GATE_KEYS = ("gate_mean", "gate_active_ratio", "teacher_gap_mean")
+
 #: evaluations already played, by evaluation key (see evaluate.evaluation_key)
 EVAL_CACHE = "eval-cache"
 
@@ -147,7 +153,7 @@ def compare(
                     "run_dir": str(run_dir),
                     "train_seconds": sum(r.get("step_seconds") or 0.0 for r in metrics),
                     "curve": [
-                        {key: r.get(key) for key in ("step", "success_rate", "reward_mean", "invalid_action_rate", "gate_mean", "gate_active_ratio")}
+                        {key: r.get(key) for key in CURVE_KEYS}
                         for r in metrics
                     ],
                 }
@@ -182,6 +188,11 @@ def compare(
         rates = [run["final"]["success_rate"] for run in runs if run["method"] == method]
         mean, std = mean_and_std(rates)
         summary[method] = {"seeds": len(rates), "success_mean": mean, "success_std": std, "per_seed": rates}
+        points = [point for run in runs if run["method"] == method for point in run["curve"]]
+        summary[method]["teacher"] = {
+            key: (sum(values) / len(values) if (values := [p[key] for p in points if p.get(key) is not None]) else None)
+            for key in GATE_KEYS
+        }
         if spec.best:
             best_rates = [run["best"]["success_rate"] for run in runs if run["method"] == method]
             best_mean, best_std = mean_and_std(best_rates)
