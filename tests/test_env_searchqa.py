@@ -118,6 +118,7 @@ def test_files_episode_search_then_answer(tiny_data):
     obs = env.step("<answer> warszawa </answer>")
     assert (obs.reward, obs.done, obs.won) == (1.0, True, True)
     assert env.last_metrics == {"exact_match": 1.0, "f1": 1.0, "answered": 1.0, "searches": 1.0, "turns": 2.0}
+    assert obs.metrics == env.last_metrics  # the final observation carries them, for sdar eval to average
 
 
 def test_wrong_answer_scores_zero_with_f1(tiny_data):
@@ -142,6 +143,7 @@ def test_turn_limit_without_answer_ends_with_zero(tiny_data):
             assert "last turn" in obs.text
     assert rewards == [0.0] * 4 and not obs.won
     assert "Out of turns" in obs.text and env.last_metrics["answered"] == 0.0
+    assert obs.metrics["answered"] == 0.0 and obs.metrics["f1"] == 0.0
     with pytest.raises(RuntimeError):
         env.step("<answer>Lisbon</answer>")
 

@@ -76,6 +76,16 @@ def test_summary_counts_success_pass_at_k_and_invalid_turns():
     by_type = summarize_by_task_type(episodes)
     assert list(by_type) == ["heat_and_place", "pick_two"]
     assert by_type["pick_two"]["success_rate"] == 0.5 and by_type["heat_and_place"]["success_rate"] == 0.0
+    assert "metrics" not in summary  # the environment reported none
+
+
+def test_summary_averages_episode_metrics_over_the_episodes_that_have_them():
+    episodes = [_episode(0, "qa", won=True, turns=2, invalid=0), _episode(1, "qa", won=False, turns=3, invalid=0),
+                _episode(2, "qa", won=False, turns=4, invalid=0)]
+    episodes[0].metrics = {"exact_match": 1.0, "f1": 1.0}
+    episodes[1].metrics = {"exact_match": 0.0, "f1": 0.5}
+    episodes[2].metrics = {"exact_match": 0.0, "f1": 0.0, "searches": 3.0}
+    assert summarize(episodes)["metrics"] == {"exact_match": pytest.approx(1 / 3), "f1": pytest.approx(0.5), "searches": 3.0}
 
 
 def _eval(*args):

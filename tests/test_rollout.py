@@ -189,3 +189,28 @@ def test_response_prefix_is_prompt_side_and_parsed_as_part_of_the_response(token
     assert episodes[0].won and all(s.valid for s in samples)
     assert tokenizer.decode(samples[0].prompt_ids).endswith("<|im_start|>assistant\n<action>")
     assert not tokenizer.decode(samples[0].response_ids).startswith("<action>")
+
+
+class ScoredEnv(RecordingEnv):
+    """Reports an episode metric on the winning step only; an episode cut short gets the default."""
+
+    metric_defaults = {"plan_steps_left": -1.0}
+
+    def step(self, action):
+        observation = super().step(action)
+        if observation.done:
+            observation.metrics = {"plan_steps_left": 0.0, "score": 0.5}
+        self.last = observation
+        return observation
+
+
+def test_episode_metrics_come_from_the_last_observation_and_default_when_cut_short(tokenizer):
+    RecordingEnv.created = []
+    renderer = TurnRenderer(tokenizer, RolloutSettings(), TeacherSettings())
+    _, full = play_episodes(["train-00000"], [0], ScoredEnv, expert_policy(tokenizer, RecordingEnv.created), renderer, 15)
+    RecordingEnv.created = []
+    _, cut = play_episodes(["train-00000"], [0], ScoredEnv, expert_policy(tokenizer, RecordingEnv.created), renderer, 1)
+    assert full[0].won and full[0].metrics == {"plan_steps_left": 0.0, "score": 0.5}
+    assert not cut[0].won and cut[0].metrics == {"plan_steps_left": -1.0}
+    _, plain = play_episodes(["train-00000"], [0], RecordingEnv, expert_policy(tokenizer, RecordingEnv.created), renderer, 15)
+    assert plain[0].metrics == {}

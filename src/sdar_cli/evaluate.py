@@ -89,7 +89,7 @@ def summarize(episodes: Sequence[EpisodeResult]) -> dict[str, Any]:
     for e in episodes:
         tasks[e.group] = tasks.get(e.group, False) or e.won
     solved = sum(tasks.values())
-    return {
+    summary = {
         "episodes": n,
         "successes": wins,
         "success_rate": wins / n if n else 0.0,
@@ -103,6 +103,12 @@ def summarize(episodes: Sequence[EpisodeResult]) -> dict[str, Any]:
         "pass_at_k": solved / len(tasks) if tasks else 0.0,
         "pass_at_k_ci95": list(wilson_interval(solved, len(tasks))),
     }
+    names = sorted({name for e in episodes for name in e.metrics})
+    if names:  # the environment's episode metrics, each averaged over the episodes that have it
+        summary["metrics"] = {
+            name: sum(values) / len(values) for name in names if (values := [e.metrics[name] for e in episodes if name in e.metrics])
+        }
+    return summary
 
 
 def summarize_by_task_type(episodes: Sequence[EpisodeResult]) -> dict[str, dict[str, Any]]:
@@ -179,6 +185,7 @@ def target_report(
                 "turns": e.turns,
                 "invalid_actions": e.invalid_actions,
                 "env_error": e.env_error,
+                **({"metrics": e.metrics} if e.metrics else {}),
             }
             for e in episodes
         ],
@@ -447,3 +454,8 @@ def _metric_cells(summary: dict[str, Any], k: int) -> list[str]:
 def print_report(console: Console, report: dict[str, Any]) -> None:
     console.print(overall_table(report))
     console.print(task_type_table(report))
+    for target in report["targets"]:
+        metrics = target["overall"].get("metrics")
+        if metrics:
+            shown = ", ".join(f"{name} {value:.3f}" for name, value in metrics.items())
+            console.print(f"{target['target']} episode metrics (mean): {shown}", highlight=False, soft_wrap=True)

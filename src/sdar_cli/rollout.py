@@ -66,6 +66,7 @@ class EpisodeResult:
     outcome_reward: float = 0.0
     invalid_actions: int = 0
     env_error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -274,6 +275,8 @@ def _start(state: _EpisodeState, make_env: Callable[[], Environment]) -> None:
 def _close(state: _EpisodeState) -> None:
     state.done = True
     if state.env is not None:
+        defaults = getattr(state.env, "metric_defaults", {}) or {}
+        state.result.metrics = {**{k: float(v) for k, v in defaults.items()}, **state.result.metrics}
         try:
             state.env.close()
         except Exception:  # noqa: BLE001 - closing must not lose the episode's samples
@@ -354,6 +357,8 @@ def _advance(state: _EpisodeState, action: str | None, valid: bool) -> None:
     state.observation = following
     state.last_action_invalid = False
     state.result.outcome_reward += float(following.reward)
+    if following.metrics:
+        state.result.metrics.update({key: float(value) for key, value in following.metrics.items()})
     if following.done:
         state.done = True
         state.result.won = bool(following.won)

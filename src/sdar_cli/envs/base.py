@@ -68,7 +68,9 @@ class Observation:
     """What the environment says after a reset or a step.
 
     `privileged` is teacher-only context (for example the expert plan from the current state):
-    the trainer shows it to the teacher pass and never to the student.
+    the trainer shows it to the teacher pass and never to the student. `metrics` are episode-level
+    measurements beside the reward (Search-QA: exact match, F1); those of an episode's last
+    observation are the episode's, and `sdar eval` averages them.
     """
 
     text: str
@@ -77,6 +79,7 @@ class Observation:
     done: bool = False
     won: bool = False
     privileged: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class Environment(ABC):
@@ -87,6 +90,9 @@ class Environment(ABC):
     #: rollout settings (field name -> value) this environment needs, e.g. its action pattern and
     #: stop strings; applied where the config leaves the field unset
     rollout_defaults: ClassVar[dict[str, Any]] = {}
+    #: the value of each episode metric for an episode that ends without reporting it (cut off by
+    #: rollout.max_turns, or failed), so averages count it: e.g. {"f1": 0.0}
+    metric_defaults: ClassVar[dict[str, float]] = {}
     #: name of the shipped skill bank (src/sdar_cli/skills/<name>/) used when teacher.skills.bank is unset
     skill_bank: ClassVar[str | None] = None
 

@@ -234,6 +234,8 @@ class SearchQAEnv(Environment):
 
     max_turns: int = 4
     skill_bank: ClassVar[str | None] = "search"
+    #: an episode cut off before it answered scored nothing
+    metric_defaults: ClassVar[dict[str, float]] = {"exact_match": 0.0, "f1": 0.0, "answered": 0.0}
     rollout_defaults: ClassVar[dict[str, Any]] = {
         "action_pattern": r"(<search>.*?</search>|<answer>.*?</answer>)",
         "stop_strings": ["</search>", "</answer>"],
@@ -393,7 +395,8 @@ class SearchQAEnv(Environment):
 
     def _observe(self, text: str, reward: float = 0.0, won: bool = False) -> Observation:
         return Observation(text=text, admissible_actions=[], reward=reward, done=self._done, won=won,
-                           privileged="" if self._done else self.privileged_text())
+                           privileged="" if self._done else self.privileged_text(),
+                           metrics=dict(self.last_metrics) if self._done and self.last_metrics else {})
 
     def privileged_text(self) -> str:
         """Teacher-only: the gold evidence chain, what of it is found, the plan from here (and the answer)."""
