@@ -11,7 +11,7 @@ from conftest import TINY_OVERRIDES, one_torch_thread
 from typer.testing import CliRunner
 
 from sdar_cli.cli import app
-from sdar_cli.compare import mean_and_std
+from sdar_cli.compare import mean_and_std, results_markdown
 
 
 def test_best_checkpoint_is_the_saved_step_with_the_highest_training_success(tmp_path):
@@ -84,6 +84,16 @@ def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(compari
         assert results["methods"][method]["per_seed"] == rates
         assert results["methods"][method]["success_mean"] == pytest.approx(sum(rates) / 2)
     assert (root / "out" / "success.png").stat().st_size > 10_000
+    # results.md is the markdown of the last results.json (the fixture's last command rewrote both)
+    assert (root / "out" / "results.md").read_text() == results_markdown(json.loads((root / "out" / "results.json").read_text()))
+    table = results_markdown(results).splitlines()
+    sdar = results["methods"]["sdar"]
+    assert table[2] == f"| untrained (start of RL) | - | {100 * results['baseline']['success_rate']:.1f}% | - | - | - | - |"
+    assert table[4].startswith(f"| sdar | 2 | {100 * sdar['success_mean']:.1f}% ± {100 * sdar['success_std']:.1f} | ")
+    assert table[4].endswith(f" | {sdar['teacher']['gate_mean']:.3f} | {sdar['teacher']['gate_active_ratio']:.2f} | "
+                             f"{sdar['teacher']['teacher_gap_mean']:+.3f} |")
+    assert table[3].endswith("| - | - | - |")  # grpo has no teacher
+    assert "4 held-out episodes per agent (household, split test, sample at T=0.4" in table[6]
     assert "held-out success" in first.output and "best ckpt" in first.output
     # trained seed by seed (a comparison stopped part-way is balanced), listed method by method
     order = [first.output.index(f"{name}: training") for name in ("grpo-seed0", "sdar-seed0", "grpo-seed1", "sdar-seed1")]

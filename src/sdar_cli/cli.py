@@ -343,7 +343,7 @@ def compare_methods(
     _quiet_libraries()
     import json
 
-    from .compare import CompareError, compare, load_spec, plot_curves, results_table
+    from .compare import CompareError, compare, load_spec, plot_curves, results_markdown, results_table
     from .config import ConfigError
     from .envs import EnvironmentConfigError
     from .evaluate import EvalError
@@ -366,8 +366,13 @@ def compare_methods(
     console.print(results_table(results))
     destination.mkdir(parents=True, exist_ok=True)
     (destination / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (destination / "results.md").write_text(results_markdown(results))
     plot_curves(results, destination / "success.png")
-    console.print(f"Results written to {destination / 'results.json'} and {destination / 'success.png'}", highlight=False)
+    console.print(
+        f"Results written to {destination / 'results.json'}, {destination / 'results.md'} and {destination / 'success.png'}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _quiet_libraries() -> None:

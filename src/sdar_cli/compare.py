@@ -233,6 +233,41 @@ def results_table(results: dict[str, Any]) -> Table:
     return table
 
 
+def results_markdown(results: dict[str, Any]) -> str:
+    """The results as a markdown table (for a README), with the settings and compute beneath it."""
+
+    def rate(mean: float, std: float | None) -> str:
+        return f"{100 * mean:.1f}%" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+    def number(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    evaluation = results["evaluation"]
+    lines = [
+        "| method | seeds | held-out success, mean ± std | per seed | gate mean | gate active | teacher gap |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    if results.get("baseline"):
+        lines.append(f"| untrained (start of RL) | - | {rate(results['baseline']['success_rate'], None)} | - | - | - | - |")
+    for method, row in results["methods"].items():
+        teacher = row.get("teacher") or {}
+        lines.append(
+            f"| {method} | {row['seeds']} | {rate(row['success_mean'], row['success_std'])} | "
+            + ", ".join(f"{100 * r:.0f}%" for r in row["per_seed"])
+            + f" | {number(teacher.get('gate_mean'), '.3f')} | {number(teacher.get('gate_active_ratio'), '.2f')} | "
+            f"{number(teacher.get('teacher_gap_mean'), '+.3f')} |"
+        )
+    compute = results["compute"]
+    lines += [
+        "",
+        f"{evaluation['episodes']} held-out episodes per agent ({evaluation['env']}, split {evaluation['split']}, "
+        f"{evaluation['decoding']}" + (f" at T={evaluation['temperature']}" if evaluation.get("temperature") else "")
+        + f", eval seed {evaluation['seed']}); std is the sample standard deviation over seeds. Compute: "
+        f"{compute['train_seconds'] / 3600:.2f} h training, {compute['eval_seconds'] / 3600:.2f} h evaluation.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def plot_curves(results: dict[str, Any], path: Path) -> None:
     """Training success per step, mean over seeds with a min-max band, one line per method."""
     import matplotlib
