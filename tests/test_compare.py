@@ -21,12 +21,16 @@ def test_best_checkpoint_is_the_saved_step_with_the_highest_training_success(tmp
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-5").mkdir()  # incomplete: no trainer_state.json
-    metrics = [{"step": s, "success_rate": r} for s, r in [(1, 0.9), (2, 0.5), (3, 0.2), (4, 0.75), (5, 1.0), (6, 0.75)]]
-    # step 1 and 5 scored higher but have no (complete) checkpoint; 4 and 6 tie: the later one
+    # step N's batch was played by checkpoint-(N-1): steps 3, 5 and 7 measure checkpoints 2, 4 and 6
+    metrics = [{"step": s, "success_rate": r}
+               for s, r in [(1, 1.0), (2, 0.9), (3, 0.5), (4, 0.2), (5, 0.75), (6, 1.0), (7, 0.75)]]
+    # steps 1, 2, 4 and 6 scored checkpoints that were not saved (or incomplete); 5 and 7 tie: the later one
     assert best_checkpoint(tmp_path, metrics) == tmp_path / "checkpoint-6"
-    metrics[3]["success_rate"] = 0.8
+    metrics[4]["success_rate"] = 0.8
     assert best_checkpoint(tmp_path, metrics) == tmp_path / "checkpoint-4"
-    assert best_checkpoint(tmp_path, [{"step": 3, "success_rate": 0.5}]) is None
+    # the last checkpoint (6 here, with no step 7) was never measured by a training batch
+    assert best_checkpoint(tmp_path, metrics[:6]) == tmp_path / "checkpoint-4"
+    assert best_checkpoint(tmp_path, [{"step": 2, "success_rate": 0.5}]) is None
 
 
 def test_mean_and_sample_std():
@@ -70,7 +74,7 @@ def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(compari
         assert [point["step"] for point in run["curve"]] == [1]
         assert run["checkpoint"].endswith("checkpoint-1")
         assert run["final"]["episodes"] == 4
-        # one step: the best checkpoint is the final one, evaluated once
+        # one step: no checkpoint was measured by a later batch, so the best reported is the final one
         assert run["best"]["step"] == 1 and run["best"]["success_rate"] == run["final"]["success_rate"]
     assert len(results["evaluation"]["task_ids"]) == 4
     assert results["baseline"]["episodes"] == 4
@@ -88,8 +92,11 @@ def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(compari
     assert (root / "out" / "results.md").read_text() == results_markdown(json.loads((root / "out" / "results.json").read_text()))
     table = results_markdown(results).splitlines()
     sdar = results["methods"]["sdar"]
-    assert table[2] == f"| untrained (start of RL) | - | {100 * results['baseline']['success_rate']:.1f}% | - | - | - | - |"
+    assert table[0].count("|") == table[1].count("|") == table[2].count("|") == table[4].count("|") == 9
+    assert "best checkpoint" in table[0]  # the fixture's spec asks for best checkpoints
+    assert table[2] == f"| untrained (start of RL) | - | {100 * results['baseline']['success_rate']:.1f}% | - | - | - | - | - |"
     assert table[4].startswith(f"| sdar | 2 | {100 * sdar['success_mean']:.1f}% ± {100 * sdar['success_std']:.1f} | ")
+    assert f"| {100 * sdar['best_mean']:.1f}% ± {100 * sdar['best_std']:.1f} |" in table[4]
     assert table[4].endswith(f" | {sdar['teacher']['gate_mean']:.3f} | {sdar['teacher']['gate_active_ratio']:.2f} | "
                              f"{sdar['teacher']['teacher_gap_mean']:+.3f} |")
     assert table[3].endswith("| - | - | - |")  # grpo has no teacher

@@ -163,3 +163,13 @@ def test_eval_of_unusable_targets_exits_2(tmp_path):
     (tmp_path / "stray").mkdir()
     result = _eval(tmp_path / "stray")
     assert result.exit_code == 2 and "neither a run directory" in " ".join(result.output.split())
+
+
+def test_chat_template_text_reads_a_file_and_keeps_inline_text(tmp_path):
+    from sdar_cli.models import chat_template_text
+
+    (tmp_path / "t.jinja").write_text("{{ messages }}")
+    assert chat_template_text(str(tmp_path / "t.jinja")) == "{{ messages }}"
+    assert chat_template_text("{% for m in messages %}{{ m }}{% endfor %}").startswith("{% for")
+    long_plain = "x" * 300  # not a path a file system accepts: kept as text, no OSError
+    assert chat_template_text(long_plain) == long_plain

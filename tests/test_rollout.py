@@ -214,3 +214,31 @@ def test_episode_metrics_come_from_the_last_observation_and_default_when_cut_sho
     assert not cut[0].won and cut[0].metrics == {"plan_steps_left": -1.0}
     _, plain = play_episodes(["train-00000"], [0], RecordingEnv, expert_policy(tokenizer, RecordingEnv.created), renderer, 15)
     assert plain[0].metrics == {}
+
+
+class NaNScoredEnv(ScoredEnv):
+    def step(self, action):
+        observation = super().step(action)
+        observation.metrics = {"score": float("nan")}
+        return observation
+
+
+def test_a_bad_metric_fails_its_episode_and_a_failed_start_still_gets_the_defaults(tokenizer):
+    RecordingEnv.created = []
+    renderer = TurnRenderer(tokenizer, RolloutSettings(), TeacherSettings())
+    _, (bad,) = play_episodes(["train-00000"], [0], NaNScoredEnv, expert_policy(tokenizer, RecordingEnv.created), renderer, 15)
+    assert bad.env_error is not None and "non-finite metric 'score'" in bad.env_error and not bad.won
+
+    calls = {"n": 0}
+
+    def second_fails_to_build():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("no engine")
+        return ScoredEnv()
+
+    RecordingEnv.created = []
+    _, (ok, broken) = play_episodes(["train-00000", "train-00001"], [0, 1], second_fails_to_build,
+                                    expert_policy(tokenizer, RecordingEnv.created), renderer, 15)
+    assert ok.won and ok.metrics["plan_steps_left"] == 0.0
+    assert broken.env_error == "RuntimeError: no engine" and broken.metrics == {"plan_steps_left": -1.0}

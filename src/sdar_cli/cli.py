@@ -334,11 +334,13 @@ def compare_methods(
 ) -> None:
     """Train each method with each seed on the same tasks and budget, then evaluate them all.
 
-    Every (method, seed) trains in OUTPUT/METHOD-seedN (finished runs are kept, an interrupted one
-    resumes), then the untrained model and every final checkpoint play the same held-out tasks
-    (each evaluation is kept in OUTPUT/eval-cache and reused while nothing it depends on changed).
-    Writes OUTPUT/results.json (per run: held-out success and the training curve; per method: mean
-    and standard deviation over seeds) and OUTPUT/success.png (training success per step).
+    Every (method, seed) trains in OUTPUT/METHOD-seedN, seed by seed (finished runs are kept, an
+    interrupted one resumes), then the untrained model and every final checkpoint (and, with `best: true`
+    in the spec, each run's best checkpoint) play the same held-out tasks (each evaluation is kept in
+    OUTPUT/eval-cache and reused while nothing it depends on changed). Writes OUTPUT/results.json (per
+    run: held-out success and the training curve; per method: mean and standard deviation over seeds,
+    teacher statistics), OUTPUT/results.md (the table in markdown) and OUTPUT/success.png (training
+    success per step).
     """
     _quiet_libraries()
     import json

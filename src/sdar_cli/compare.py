@@ -61,7 +61,7 @@ class CompareSpec(BaseModel):
     best: bool = Field(
         False,
         description="also evaluate each run's best checkpoint: the saved step with the highest training success "
-        "(training batches only, never the held-out tasks; the latest step on ties)",
+        "(measured by the next step's rollouts, which it played; never the held-out tasks; the latest on ties)",
     )
     output: str = "runs/compare"
 
@@ -91,13 +91,21 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def best_checkpoint(run_dir: Path, metrics: list[dict[str, Any]]) -> Path | None:
-    """The saved checkpoint whose step had the highest training success (the latest on ties); None if none."""
-    saved = {r["step"]: run_dir / f"checkpoint-{r['step']}" for r in metrics if r.get("success_rate") is not None}
-    saved = {step: path for step, path in saved.items() if (path / "trainer_state.json").is_file()}
-    if not saved:
+    """The saved checkpoint whose weights played the most successful training batch (the latest on ties).
+
+    Step N's rollouts are played before step N's update, so they measure checkpoint-(N-1): checkpoint-N is
+    ranked by step N+1's success, and the last checkpoint, never measured, is not a candidate. None if none.
+    """
+    success = {r["step"]: r["success_rate"] for r in metrics if r.get("success_rate") is not None}
+    candidates = {
+        step: run_dir / f"checkpoint-{step}"
+        for step in success
+        if step - 1 >= 1 and (run_dir / f"checkpoint-{step - 1}" / "trainer_state.json").is_file()
+    }
+    if not candidates:
         return None
-    rate = {r["step"]: r["success_rate"] for r in metrics if r["step"] in saved}
-    return saved[max(saved, key=lambda step: (rate[step], step))]
+    best = max(candidates, key=lambda step: (success[step], step))
+    return run_dir / f"checkpoint-{best - 1}"
 
 
 def mean_and_std(values: list[float]) -> tuple[float, float | None]:
@@ -243,18 +251,22 @@ def results_markdown(results: dict[str, Any]) -> str:
         return "-" if value is None else format(value, fmt)
 
     evaluation = results["evaluation"]
+    with_best = results["spec"].get("best", False)
+    best_header, best_rule = (" best checkpoint, mean ± std |", "---|") if with_best else ("", "")
     lines = [
-        "| method | seeds | held-out success, mean ± std | per seed | gate mean | gate active | teacher gap |",
-        "|---|---|---|---|---|---|---|",
+        f"| method | seeds | held-out success, mean ± std | per seed |{best_header} gate mean | gate active | teacher gap |",
+        f"|---|---|---|---|{best_rule}---|---|---|",
     ]
     if results.get("baseline"):
-        lines.append(f"| untrained (start of RL) | - | {rate(results['baseline']['success_rate'], None)} | - | - | - | - |")
+        lines.append(f"| untrained (start of RL) | - | {rate(results['baseline']['success_rate'], None)} | - |"
+                     + (" - |" if with_best else "") + " - | - | - |")
     for method, row in results["methods"].items():
         teacher = row.get("teacher") or {}
+        best = f" {rate(row['best_mean'], row['best_std'])} |" if with_best else ""
         lines.append(
             f"| {method} | {row['seeds']} | {rate(row['success_mean'], row['success_std'])} | "
             + ", ".join(f"{100 * r:.0f}%" for r in row["per_seed"])
-            + f" | {number(teacher.get('gate_mean'), '.3f')} | {number(teacher.get('gate_active_ratio'), '.2f')} | "
+            + f" |{best} {number(teacher.get('gate_mean'), '.3f')} | {number(teacher.get('gate_active_ratio'), '.2f')} | "
             f"{number(teacher.get('teacher_gap_mean'), '+.3f')} |"
         )
     compute = results["compute"]

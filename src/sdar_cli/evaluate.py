@@ -268,14 +268,14 @@ def evaluation_key(target: Target, settings: dict[str, Any], max_turns: int) -> 
     import transformers
 
     from . import __version__
-    from .models import pick_dtype
+    from .models import chat_template_text, pick_dtype
 
     config = target.config
     device = pick_device(config.train.device)
     model_dir = Path(config.model.name).expanduser()
     chat_template = config.model.chat_template
-    if chat_template and Path(chat_template).expanduser().is_file():
-        chat_template = _digest(Path(chat_template).expanduser())
+    if chat_template:
+        chat_template = hashlib.sha256(chat_template_text(chat_template).encode()).hexdigest()
     identity = {
         "versions": [__version__, torch.__version__, transformers.__version__],
         "settings": settings,
@@ -304,13 +304,16 @@ def _read_cached(path: Path) -> dict[str, Any] | None:
 
 def _write_cached(path: Path, entry: dict[str, Any]) -> None:
     """Write atomically (a temporary file in the same folder, then a rename); a failure only costs the cache."""
+    staging = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".partial", delete=False) as handle:
+            staging = Path(handle.name)
             handle.write(json.dumps(entry, indent=1) + "\n")
-        Path(handle.name).replace(path)
+        staging.replace(path)
     except OSError:
-        pass
+        if staging is not None:
+            staging.unlink(missing_ok=True)
 
 
 def evaluate_targets(
@@ -350,8 +353,11 @@ def evaluate_targets(
             if cache_dir is not None:
                 cached = cache_dir / f"{evaluation_key(target, report['settings'], max_turns)}.json"
                 entry = _read_cached(cached) if reuse else None
-                if entry is not None:
-                    report["targets"].append({**entry["report"], "target": target.name})
+                if entry is not None:  # where the model and checkpoint are now (the folder may have moved)
+                    checkpoint = str(target.checkpoint) if target.checkpoint else None
+                    report["targets"].append(
+                        {**entry["report"], "target": target.name, "model": target.config.model.name, "checkpoint": checkpoint}
+                    )
                     if seconds is not None:
                         seconds[target.name] = float(entry.get("seconds") or 0.0)
                     progress.console.print(

@@ -126,6 +126,18 @@ def load_model_config(settings: ModelSettings) -> PretrainedConfig:
         raise ModelLoadError(_not_found_message(name, err)) from None
 
 
+def chat_template_text(template: str) -> str:
+    """model.chat_template as Jinja text: a file's content when it names a file (no '{' in it), else itself."""
+    if "{" not in template:
+        try:
+            path = Path(template).expanduser()
+            if path.is_file():
+                return path.read_text()
+        except OSError:  # not a usable path (e.g. too long a name): the text itself
+            pass
+    return template
+
+
 def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
     path = resolve_model_path(settings.name)
     try:
@@ -133,10 +145,7 @@ def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
     except (OSError, ValueError) as err:
         raise ModelLoadError(_not_found_message(settings.name, err)) from None
     if settings.chat_template:
-        template = settings.chat_template
-        if "{" not in template and Path(template).is_file():
-            template = Path(template).read_text()
-        tokenizer.chat_template = template
+        tokenizer.chat_template = chat_template_text(settings.chat_template)
     if tokenizer.chat_template is None:
         raise ModelLoadError(
             f"The tokenizer of '{settings.name}' has no chat template. Set model.chat_template to a Jinja template."

@@ -8,6 +8,7 @@ they are never decoded and re-tokenised. The decoded text is used only to read t
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -254,6 +255,11 @@ def play_episodes(
         _run_all(pool, lambda state: _start(state, make_env), episodes)
         samples = _play_turns(episodes, pool, policy, renderer, pattern, eos, max_turns)
         _run_all(pool, _close, episodes)
+    # an episode that ended without reporting a metric (cut off, or failed, even before its environment was
+    # built) takes the environment's default for it, so averages count it
+    defaults = next((dict(getattr(state.env, "metric_defaults", {})) for state in episodes if state.env is not None), {})
+    for state in episodes:
+        state.result.metrics = {**defaults, **state.result.metrics}
     return samples, [state.result for state in episodes]
 
 
@@ -275,8 +281,6 @@ def _start(state: _EpisodeState, make_env: Callable[[], Environment]) -> None:
 def _close(state: _EpisodeState) -> None:
     state.done = True
     if state.env is not None:
-        defaults = getattr(state.env, "metric_defaults", {}) or {}
-        state.result.metrics = {**{k: float(v) for k, v in defaults.items()}, **state.result.metrics}
         try:
             state.env.close()
         except Exception:  # noqa: BLE001 - closing must not lose the episode's samples
@@ -350,6 +354,7 @@ def _advance(state: _EpisodeState, action: str | None, valid: bool) -> None:
     env_action = canonical_action(action, observation.admissible_actions)
     try:
         following = state.env.step(env_action)
+        metrics = _episode_metrics(following.metrics)
     except Exception as err:  # noqa: BLE001 - a broken environment fails its episode, not the run
         _fail(state, err)
         return
@@ -357,11 +362,19 @@ def _advance(state: _EpisodeState, action: str | None, valid: bool) -> None:
     state.observation = following
     state.last_action_invalid = False
     state.result.outcome_reward += float(following.reward)
-    if following.metrics:
-        state.result.metrics.update({key: float(value) for key, value in following.metrics.items()})
+    state.result.metrics.update(metrics)  # the latest value of each metric the episode reported
     if following.done:
         state.done = True
         state.result.won = bool(following.won)
+
+
+def _episode_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """An observation's metrics as finite floats; anything else is the environment's error."""
+    values = {str(name): float(value) for name, value in (metrics or {}).items()}
+    bad = [name for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        raise ValueError(f"the environment reported a non-finite metric {bad[0]!r}")
+    return values
 
 
 def _fail(state: _EpisodeState, err: Exception) -> None:

@@ -179,19 +179,24 @@ PRIVILEGED_SAMPLE_TASKS = 8
 
 def measured_privileged_tokens(config: RunConfig, tasks: int = PRIVILEGED_SAMPLE_TASKS) -> int | None:
     """The longest teacher prefix (teacher.context_template around the skills and/or plan) over the first
-    turns of `tasks` train tasks, in tokens; None when it cannot be measured here (tokenizer or environment
-    not available offline) or the algorithm has no teacher."""
+    turns of `tasks` train tasks spread evenly over the split, in tokens; 0 without a teacher; None when it
+    is not measured: the environment does not declare `resets_cheaply` (building it may start games,
+    servers or downloads), or the tokenizer or environment cannot be loaded here."""
+    from .envs import environment_class
     from .rollout import TurnRenderer
 
     if not config.uses_teacher:
         return 0
     try:
+        if not getattr(environment_class(config.env.name), "resets_cheaply", False):
+            return None
         tokenizer = load_tokenizer(config.model)
         renderer = TurnRenderer(tokenizer, config.rollout, config.teacher)
         env = environment_factory(config.env.name, config.env.kwargs)()
         try:
             longest = 0
-            for task_id in env.task_ids(config.env.train_split)[:tasks]:
+            split = env.task_ids(config.env.train_split)
+            for task_id in [split[i * len(split) // tasks] for i in range(min(tasks, len(split)))]:
                 task, observation = env.reset(task_id)
                 privileged = renderer.privileged_context(task, observation.privileged)
                 longest = max(longest, len(renderer.teacher_prefix_ids(privileged)))
@@ -218,10 +223,14 @@ def dry_run(config: RunConfig, console: Console | None = None) -> list[str]:
     measured = measured_privileged_tokens(config)
     if measured is None:
         workload = workload_for_run(config, max_turns)
-        privileged_note = f"{workload.privileged_tokens} privileged tokens (assumed: could not be measured here)"
+        privileged_note = f"{workload.privileged_tokens} privileged tokens (assumed: not measured for this environment)"
+    elif measured == 0:
+        workload = workload_for_run(config, max_turns, privileged_tokens=0)
+        privileged_note = "no teacher pass"
     else:
         workload = workload_for_run(config, max_turns, privileged_tokens=measured)
-        privileged_note = f"{measured} privileged tokens (the longest of {PRIVILEGED_SAMPLE_TASKS} train tasks' first turns)"
+        privileged_note = (f"{measured} privileged tokens (the longest first-turn prefix of {PRIVILEGED_SAMPLE_TASKS} "
+                           "train tasks; later turns can differ)")
     setup = setup_for_run(config, device, torch.finfo(dtype).bits // 8)
     estimate = estimate_peak_memory(ModelShape.from_config(model_config), workload, setup)
 

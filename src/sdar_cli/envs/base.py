@@ -69,8 +69,8 @@ class Observation:
 
     `privileged` is teacher-only context (for example the expert plan from the current state):
     the trainer shows it to the teacher pass and never to the student. `metrics` are episode-level
-    measurements beside the reward (Search-QA: exact match, F1); those of an episode's last
-    observation are the episode's, and `sdar eval` averages them.
+    measurements beside the reward (Search-QA: exact match, F1); an episode keeps the latest value
+    of each, and `sdar eval` averages them.
     """
 
     text: str
@@ -90,6 +90,10 @@ class Environment(ABC):
     #: rollout settings (field name -> value) this environment needs, e.g. its action pattern and
     #: stop strings; applied where the config leaves the field unset
     rollout_defaults: ClassVar[dict[str, Any]] = {}
+    #: True when building the environment and resetting a few train tasks takes well under a second and
+    #: touches no server, data download or cache, so `sdar train --dry-run` may do it to measure the
+    #: teacher's privileged prefix (otherwise the estimate assumes a length)
+    resets_cheaply: ClassVar[bool] = False
     #: the value of each episode metric for an episode that ends without reporting it (cut off by
     #: rollout.max_turns, or failed), so averages count it: e.g. {"f1": 0.0}
     metric_defaults: ClassVar[dict[str, float]] = {}

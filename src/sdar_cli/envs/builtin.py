@@ -675,6 +675,7 @@ class HouseholdEnv(Environment):
 
     max_turns: int = 15
     skill_bank = "household"
+    resets_cheaply = True
 
     def __init__(self, num_train_tasks: int = 1000, num_test_tasks: int = 200, difficulty: int = 1,
                  seed: int = 0, task_types: list[str] | None = None) -> None:
