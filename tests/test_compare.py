@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
+import torch
 import yaml
 from conftest import TINY_OVERRIDES, one_torch_thread
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from sdar_cli.cli import app
@@ -45,12 +48,20 @@ def comparison(tiny_model_dir, tmp_path_factory):
     overrides = dict(part.split("=", 1) for part in TINY_OVERRIDES)
     overrides.update({"model.name": str(tiny_model_dir), "train.max_steps": "1", "eval.episodes": "4", "eval.batch_size": "4"})
     (root / "train.yaml").write_text("algorithm:\n  name: sdar\n")
+    # a reference row: another model on the same tasks (here a copy of the tiny model with a different lm_head)
+    reference = root / "reference-model"
+    shutil.copytree(tiny_model_dir, reference)
+    other = AutoModelForCausalLM.from_pretrained(reference)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(-1.0)
+    other.save_pretrained(reference)
     spec = {
         "config": "train.yaml",
         "methods": {"grpo": ["algorithm.name=grpo"], "sdar": ["algorithm.name=sdar"]},
         "seeds": [0, 1],
         "overrides": [f"{key}={value}" for key, value in overrides.items()],
         "best": True,
+        "references": {"flipped head": str(reference)},
     }
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
     with one_torch_thread():
@@ -65,7 +76,7 @@ def comparison(tiny_model_dir, tmp_path_factory):
     return root, first, results_first, again, replayed, results_again, written
 
 
-def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(comparison):
+def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(comparison, tiny_model_dir):
     root, first, results, *_ = comparison
     assert [(r["method"], r["seed"]) for r in results["runs"]] == [("grpo", 0), ("grpo", 1), ("sdar", 0), ("sdar", 1)]
     for run in results["runs"]:
@@ -92,15 +103,20 @@ def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(compari
     assert (root / "out" / "results.md").read_text() == results_markdown(json.loads((root / "out" / "results.json").read_text()))
     table = results_markdown(results).splitlines()
     sdar = results["methods"]["sdar"]
-    assert table[0].count("|") == table[1].count("|") == table[2].count("|") == table[4].count("|") == 9
+    assert table[0].count("|") == table[1].count("|") == table[2].count("|") == table[5].count("|") == 9
     assert "best checkpoint" in table[0]  # the fixture's spec asks for best checkpoints
-    assert table[2] == f"| untrained (start of RL) | - | {100 * results['baseline']['success_rate']:.1f}% | - | - | - | - | - |"
-    assert table[4].startswith(f"| sdar | 2 | {100 * sdar['success_mean']:.1f}% ± {100 * sdar['success_std']:.1f} | ")
-    assert f"| {100 * sdar['best_mean']:.1f}% ± {100 * sdar['best_std']:.1f} |" in table[4]
-    assert table[4].endswith(f" | {sdar['teacher']['gate_mean']:.3f} | {sdar['teacher']['gate_active_ratio']:.2f} | "
+    reference_result = results["references"]["flipped head"]
+    reference = root / "reference-model"
+    assert reference_result["model"] == str(reference) and reference_result["episodes"] == 4
+    assert table[2] == f"| flipped head (`{reference}`) | - | {100 * reference_result['success_rate']:.1f}% | - | - | - | - | - |"
+    assert results["baseline"]["model"] == str(tiny_model_dir)
+    assert table[3] == f"| before RL (`{tiny_model_dir}`) | - | {100 * results['baseline']['success_rate']:.1f}% | - | - | - | - | - |"
+    assert table[5].startswith(f"| sdar | 2 | {100 * sdar['success_mean']:.1f}% ± {100 * sdar['success_std']:.1f} | ")
+    assert f"| {100 * sdar['best_mean']:.1f}% ± {100 * sdar['best_std']:.1f} |" in table[5]
+    assert table[5].endswith(f" | {sdar['teacher']['gate_mean']:.3f} | {sdar['teacher']['gate_active_ratio']:.2f} | "
                              f"{sdar['teacher']['teacher_gap_mean']:+.3f} |")
-    assert table[3].endswith("| - | - | - |")  # grpo has no teacher
-    assert "4 held-out episodes per agent (household, split test, sample at T=0.4" in table[6]
+    assert table[4].endswith("| - | - | - |")  # grpo has no teacher
+    assert "4 held-out episodes per agent (household, split test, sample at T=0.4" in table[7]
     assert "held-out success" in first.output and "best ckpt" in first.output
     # trained seed by seed (a comparison stopped part-way is balanced), listed method by method
     order = [first.output.index(f"{name}: training") for name in ("grpo-seed0", "sdar-seed0", "grpo-seed1", "sdar-seed1")]
@@ -112,8 +128,8 @@ def test_a_rerun_keeps_finished_runs_and_their_evaluations_and_replaying_reprodu
     before = next(r for r in results["runs"] if (r["method"], r["seed"]) == ("sdar", 1))
     assert again.exit_code == 0, again.output
     assert "sdar-seed1: already trained (1 steps), kept." in again.output
-    assert again.output.count("evaluated before, reused") == 2  # the untrained model and sdar-seed1
-    assert len(list((root / "out" / "eval-cache").glob("*.json"))) == 5  # the untrained model and 4 runs
+    assert again.output.count("evaluated before, reused") == 3  # the reference, the untrained model and sdar-seed1
+    assert len(list((root / "out" / "eval-cache").glob("*.json"))) == 6  # the reference, the untrained model, 4 runs
     # the compute reported is what the evaluations took when played, not the ~0 s of reading the cache
     assert results_again["compute"]["eval_seconds"] > 0.5
     # played again from scratch, the same checkpoint on the same tasks gives the same numbers
@@ -125,6 +141,7 @@ def test_a_rerun_keeps_finished_runs_and_their_evaluations_and_replaying_reprodu
     assert [(r["method"], r["seed"]) for r in rerun["runs"]] == [("sdar", 1)]
     assert rerun["runs"][0]["final"] == before["final"]
     assert rerun["baseline"] == results["baseline"]
+    assert rerun["references"] == results["references"]
 
 
 def test_a_retrained_run_is_evaluated_again(tiny_model_dir, tmp_path):

@@ -2,7 +2,8 @@
 
 A comparison spec names one training config and, per method, the `--set` overrides that make it
 that method; every (method, seed) pair trains in its own run directory with `train.seed` set, then
-the untrained model and every final checkpoint play the same held-out tasks (`sdar eval`'s code).
+the model the runs start from, any reference models and every final checkpoint play the same held-out
+tasks (`sdar eval`'s code).
 
     config: ../household_compare.yaml      # relative to the spec file
     methods:
@@ -58,6 +59,11 @@ class CompareSpec(BaseModel):
     overrides: list[str] = Field(default_factory=list, description="--set overrides for every run")
     eval_overrides: list[str] = Field(default_factory=list, description="--set overrides for the evaluation")
     baseline: bool = Field(True, description="also evaluate the untrained model on the same tasks")
+    references: dict[str, str] = Field(
+        default_factory=dict,
+        description="label -> another model (a name or path `sdar eval` takes) played on the same tasks as a "
+        "reference row, e.g. the model before a warm-up",
+    )
     best: bool = Field(
         False,
         description="also evaluate each run's best checkpoint: the saved step with the highest training success "
@@ -178,6 +184,7 @@ def compare(
     base_model = load_config(config_path, spec.overrides).model.name
     if spec.baseline:
         targets = [base_model, *targets]
+    targets = [*(model for model in spec.references.values() if model not in targets), *targets]
     eval_seconds: dict[str, float] = {}
     report = evaluate_targets(
         targets, None, [*spec.overrides, *spec.eval_overrides], console,
@@ -209,7 +216,10 @@ def compare(
         "spec": spec.model_dump(),
         "spec_file": str(spec_path),
         "evaluation": report["settings"],
-        "baseline": by_target[base_model]["overall"] if spec.baseline else None,
+        "baseline": {"model": base_model, **by_target[base_model]["overall"]} if spec.baseline else None,
+        "references": {
+            label: {"model": model, **by_target[model]["overall"]} for label, model in spec.references.items()
+        },
         "methods": summary,
         "runs": runs,
         "compute": {
@@ -229,9 +239,11 @@ def results_table(results: dict[str, Any]) -> Table:
     def rate(mean: float, std: float | None) -> str:
         return f"{100 * mean:.1f}%" + (f" ± {100 * std:.1f}" if std is not None else "")
 
-    baseline = results.get("baseline")
-    if baseline:
-        table.add_row("untrained", "-", f"{100 * baseline['success_rate']:.1f}%", "-", *(["-"] if with_best else []))
+    rows = list((results.get("references") or {}).items())
+    if results.get("baseline"):
+        rows.append(("before RL", results["baseline"]))
+    for label, row in rows:
+        table.add_row(label, "-", f"{100 * row['success_rate']:.1f}%", "-", *(["-"] if with_best else []))
     for method, row in results["methods"].items():
         cells = [method, str(row["seeds"]), rate(row["success_mean"], row["success_std"]),
                  ", ".join(f"{100 * r:.0f}%" for r in row["per_seed"])]
@@ -257,9 +269,11 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"| method | seeds | held-out success, mean ± std | per seed |{best_header} gate mean | gate active | teacher gap |",
         f"|---|---|---|---|{best_rule}---|---|---|",
     ]
+    rows = [(f"{label} (`{reference['model']}`)", reference) for label, reference in (results.get("references") or {}).items()]
     if results.get("baseline"):
-        lines.append(f"| untrained (start of RL) | - | {rate(results['baseline']['success_rate'], None)} | - |"
-                     + (" - |" if with_best else "") + " - | - | - |")
+        rows.append((f"before RL (`{results['baseline']['model']}`)", results["baseline"]))
+    for label, row in rows:
+        lines.append(f"| {label} | - | {rate(row['success_rate'], None)} | - |" + (" - |" if with_best else "") + " - | - | - |")
     for method, row in results["methods"].items():
         teacher = row.get("teacher") or {}
         best = f" {rate(row['best_mean'], row['best_std'])} |" if with_best else ""
