@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from sdar_cli.cli import app
-from sdar_cli.compare import mean_and_std, results_markdown
+from sdar_cli.compare import curve_bands, mean_and_std, read_metrics, results_markdown
 
 
 def test_best_checkpoint_is_the_saved_step_with_the_highest_training_success(tmp_path):
@@ -34,6 +34,21 @@ def test_best_checkpoint_is_the_saved_step_with_the_highest_training_success(tmp
     # the last checkpoint (6 here, with no step 7) was never measured by a training batch
     assert best_checkpoint(tmp_path, metrics[:6]) == tmp_path / "checkpoint-4"
     assert best_checkpoint(tmp_path, [{"step": 2, "success_rate": 0.5}]) is None
+
+
+def test_curve_bands_average_the_seeds_that_logged_a_step():
+    results = {
+        "methods": {"a": {}, "b": {}},
+        "runs": [
+            {"method": "a", "curve": [{"step": 1, "success_rate": 0.5}, {"step": 2, "success_rate": None}]},
+            {"method": "a", "curve": [{"step": 1, "success_rate": 0.25}, {"step": 2, "success_rate": 1.0}]},
+            {"method": "b", "curve": [{"step": 1, "success_rate": 0.0}]},
+        ],
+    }
+    assert curve_bands(results) == {
+        "a": {"step": [1, 2], "mean": [0.375, 1.0], "low": [0.25, 1.0], "high": [0.5, 1.0]},
+        "b": {"step": [1], "mean": [0.0], "low": [0.0], "high": [0.0]},
+    }
 
 
 def test_mean_and_sample_std():
@@ -98,6 +113,16 @@ def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(compari
         rates = [r["final"]["success_rate"] for r in results["runs"] if r["method"] == method]
         assert results["methods"][method]["per_seed"] == rates
         assert results["methods"][method]["success_mean"] == pytest.approx(sum(rates) / 2)
+    for run in results["runs"]:  # the curve is metrics.jsonl's own values, gradient norm included
+        logged = read_metrics(root / "out" / f"{run['method']}-seed{run['seed']}")
+        assert [p["grad_norm"] for p in run["curve"]] == [r["grad_norm"] for r in logged]
+        assert [p["success_rate"] for p in run["curve"]] == [r["success_rate"] for r in logged]
+    bands = curve_bands(results)  # what the plot draws: per step, mean and min-max over seeds
+    for method in ("grpo", "sdar"):
+        values = [r["curve"][0]["success_rate"] for r in results["runs"] if r["method"] == method]
+        assert bands[method]["step"] == [1]
+        assert bands[method]["mean"] == [pytest.approx(sum(values) / 2)]
+        assert (bands[method]["low"], bands[method]["high"]) == ([min(values)], [max(values)])
     assert (root / "out" / "success.png").stat().st_size > 10_000
     # results.md is the markdown of the last results.json (the fixture's last command rewrote both)
     assert (root / "out" / "results.md").read_text() == results_markdown(json.loads((root / "out" / "results.json").read_text()))

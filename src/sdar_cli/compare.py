@@ -38,7 +38,7 @@ from .run import CONFIG_FILE, METRICS_FILE, latest_checkpoint, train
 
 #: what each run's training curve keeps from metrics.jsonl, per step
 CURVE_KEYS = ("step", "success_rate", "reward_mean", "invalid_action_rate", "gate_mean", "gate_active_ratio",
-              "teacher_gap_mean", "kl")
+              "teacher_gap_mean", "kl", "grad_norm")
 #: the teacher statistics averaged over every step of every seed, per method (None for methods without a teacher)
 GATE_KEYS = ("gate_mean", "gate_active_ratio", "teacher_gap_mean")
 
@@ -294,32 +294,68 @@ def results_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def curve_bands(results: dict[str, Any], key: str = "success_rate") -> dict[str, dict[str, list[float]]]:
+    """Per method and training step, the mean, min and max of `key` over the seeds that logged it."""
+    bands: dict[str, dict[str, list[float]]] = {}
+    for method in results["methods"]:
+        curves = [run["curve"] for run in results["runs"] if run["method"] == method]
+        band: dict[str, list[float]] = {"step": [], "mean": [], "low": [], "high": []}
+        for step in sorted({point["step"] for curve in curves for point in curve}):
+            values = [p[key] for c in curves for p in c if p["step"] == step and p.get(key) is not None]
+            if values:
+                band["step"].append(step)
+                band["mean"].append(sum(values) / len(values))
+                band["low"].append(min(values))
+                band["high"].append(max(values))
+        bands[method] = band
+    return bands
+
+
 def plot_curves(results: dict[str, Any], path: Path) -> None:
-    """Training success per step, mean over seeds with a min-max band, one line per method."""
+    """Left: training success per step, mean over seeds with a min-max band, one line per method (drawn
+    slightly apart, so methods with equal values stay visible). Right: held-out success of every seed's
+    final checkpoint, the mean and std over seeds, and the models before RL and any references."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
-    for method in results["methods"]:
-        curves = [run["curve"] for run in results["runs"] if run["method"] == method]
-        steps = sorted({point["step"] for curve in curves for point in curve})
-        means, lows, highs = [], [], []
-        for step in steps:
-            values = [p["success_rate"] for c in curves for p in c if p["step"] == step and p["success_rate"] is not None]
-            means.append(sum(values) / len(values))
-            lows.append(min(values))
-            highs.append(max(values))
-        (line,) = axis.plot(steps, means, marker="o", label=f"{method} (mean of {len(curves)} seeds)")
-        axis.fill_between(steps, lows, highs, color=line.get_color(), alpha=0.15)
-    if results.get("baseline"):
-        axis.axhline(results["baseline"]["success_rate"], color="grey", linestyle="--", label="untrained, held-out")
+    figure, (axis, held_out) = plt.subplots(
+        1, 2, figsize=(9, 4), dpi=120, gridspec_kw={"width_ratios": [3, 1]}, sharey=True
+    )
+    methods = list(results["methods"])
+    markers, styles = "osD^v<>", ["-", "--", ":", "-."]
+    bands = curve_bands(results)
+    for index, method in enumerate(methods):
+        band = bands[method]
+        shift = 0.08 * (index - (len(methods) - 1) / 2)
+        steps = [step + shift for step in band["step"]]
+        seeds = results["methods"][method]["seeds"]
+        (line,) = axis.plot(steps, band["mean"], marker=markers[index % len(markers)],
+                            linestyle=styles[index % len(styles)], label=f"{method} ({seeds} seed{'s' if seeds != 1 else ''})")
+        axis.fill_between(steps, band["low"], band["high"], color=line.get_color(), alpha=0.12)
+        row = results["methods"][method]
+        held_out.scatter([index] * len(row["per_seed"]), row["per_seed"], color=line.get_color(), alpha=0.5, s=18)
+        held_out.errorbar([index], [row["success_mean"]], yerr=[[row["success_std"] or 0.0]] * 2,
+                          color=line.get_color(), marker=markers[index % len(markers)], markersize=8, capsize=4)
+    lines = [("before RL", results.get("baseline"), "--")] + [
+        (label, reference, ":") for label, reference in (results.get("references") or {}).items()
+    ]
+    for label, row, style in lines:
+        if row:
+            for target in (axis, held_out):
+                target.axhline(row["success_rate"], color="grey", linestyle=style,
+                               label=f"{label}, held-out" if target is axis else None)
     axis.set_xlabel("training step")
-    axis.set_ylabel("success rate of the step's episodes")
+    axis.set_ylabel("success rate")
+    axis.set_title("training batches", fontsize=9)
     axis.set_ylim(-0.02, 1.02)
-    axis.legend(loc="best", fontsize=8)
+    axis.legend(loc="best", fontsize=7)
     axis.grid(alpha=0.3)
+    held_out.set_title(f"held-out ({results['evaluation']['episodes']} episodes)", fontsize=9)
+    held_out.set_xticks(range(len(methods)), methods, rotation=30, fontsize=8)
+    held_out.set_xlim(-0.6, len(methods) - 0.4)
+    held_out.grid(alpha=0.3, axis="y")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
