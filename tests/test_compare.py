@@ -88,7 +88,10 @@ def comparison(tiny_model_dir, tmp_path_factory):
         written = max(f.stat().st_mtime_ns for f in (root / "out" / "eval-cache").glob("*.json"))
         replayed = CliRunner().invoke(app, ["compare", str(root / "spec.yaml"), "-o", str(root / "out"), "--seeds", "1",
                                             "--methods", "sdar", "--reevaluate"])
-    return root, first, results_first, again, replayed, results_again, written
+        rerun = json.loads((root / "out" / "results.json").read_text())
+        replayed_two_seeds = CliRunner().invoke(app, ["compare", str(root / "spec.yaml"), "-o", str(root / "out"),
+                                                      "--methods", "sdar", "--reevaluate"])
+    return root, first, results_first, again, (replayed, rerun, replayed_two_seeds), results_again, written
 
 
 def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(comparison, tiny_model_dir):
@@ -125,7 +128,9 @@ def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(compari
         assert (bands[method]["low"], bands[method]["high"]) == ([min(values)], [max(values)])
     assert (root / "out" / "success.png").stat().st_size > 10_000
     # results.md is the markdown of the last results.json (the fixture's last command rewrote both)
-    assert (root / "out" / "results.md").read_text() == results_markdown(json.loads((root / "out" / "results.json").read_text()))
+    final = json.loads((root / "out" / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in final["runs"]] == [("sdar", 0), ("sdar", 1)]
+    assert (root / "out" / "results.md").read_text() == results_markdown(final)
     table = results_markdown(results).splitlines()
     sdar = results["methods"]["sdar"]
     assert table[0].count("|") == table[1].count("|") == table[2].count("|") == table[5].count("|") == 9
@@ -146,10 +151,20 @@ def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(compari
     # trained seed by seed (a comparison stopped part-way is balanced), listed method by method
     order = [first.output.index(f"{name}: training") for name in ("grpo-seed0", "sdar-seed0", "grpo-seed1", "sdar-seed1")]
     assert order == sorted(order)
+    # seed 0's runs are evaluated and the results so far written before seed 1 trains
+    out = root / "out"
+    evaluated = [first.output.index(f"{out / name}: 4 episodes in") for name in ("grpo-seed0", "sdar-seed0")]
+    written_so_far = first.output.index("Results so far (seeds 0) written to")
+    assert max(evaluated) < written_so_far < first.output.index("grpo-seed1: training")
+    assert first.output.count("Results so far") == 1  # not after the last seed: the final results follow
+    for name in ("grpo-seed1", "sdar-seed1"):  # played once, after seed 1; seed 0's entries read back then
+        assert first.output.count(f"{out / name}: 4 episodes in") == 1
+    assert first.output.count(f"{out / 'grpo-seed0'}: evaluated before, reused") == 1
+    assert not list(out.glob(".*.partial*"))
 
 
 def test_a_rerun_keeps_finished_runs_and_their_evaluations_and_replaying_reproduces_them(comparison):
-    root, _, results, again, replayed, results_again, written = comparison
+    root, _, results, again, (replayed, rerun, replayed_two_seeds), results_again, written = comparison
     before = next(r for r in results["runs"] if (r["method"], r["seed"]) == ("sdar", 1))
     assert again.exit_code == 0, again.output
     assert "sdar-seed1: already trained (1 steps), kept." in again.output
@@ -162,11 +177,14 @@ def test_a_rerun_keeps_finished_runs_and_their_evaluations_and_replaying_reprodu
     assert "reused" not in replayed.output
     assert max(f.stat().st_mtime_ns for f in (root / "out" / "eval-cache").glob("*.json")) > written  # refreshed
     assert not list((root / "out" / "eval-cache").glob("*.partial"))
-    rerun = json.loads((root / "out" / "results.json").read_text())
     assert [(r["method"], r["seed"]) for r in rerun["runs"]] == [("sdar", 1)]
     assert rerun["runs"][0]["final"] == before["final"]
     assert rerun["baseline"] == results["baseline"]
     assert rerun["references"] == results["references"]
+    # --reevaluate over two seeds plays each target once: the second seed's pass reads the first's back
+    assert replayed_two_seeds.exit_code == 0, replayed_two_seeds.output
+    assert replayed_two_seeds.output.count("episodes in") == 4  # reference, before RL, sdar-seed0, sdar-seed1
+    assert replayed_two_seeds.output.count("evaluated before, reused") == 3
 
 
 def test_a_retrained_run_is_evaluated_again(tiny_model_dir, tmp_path):

@@ -335,17 +335,15 @@ def compare_methods(
     """Train each method with each seed on the same tasks and budget, then evaluate them all.
 
     Every (method, seed) trains in OUTPUT/METHOD-seedN, seed by seed (finished runs are kept, an
-    interrupted one resumes), then the untrained model and every final checkpoint (and, with `best: true`
-    in the spec, each run's best checkpoint) play the same held-out tasks (each evaluation is kept in
-    OUTPUT/eval-cache and reused while nothing it depends on changed). Writes OUTPUT/results.json (per
-    run: held-out success and the training curve; per method: mean and standard deviation over seeds,
-    teacher statistics), OUTPUT/results.md (the table in markdown) and OUTPUT/success.png (training
-    success per step).
+    interrupted one resumes). After each seed, the model before RL, the spec's references and every final
+    checkpoint so far (and, with `best: true` in the spec, each run's best checkpoint) play the same
+    held-out tasks (each evaluation is kept in OUTPUT/eval-cache and reused while nothing it depends on
+    changed), and the results so far are written: OUTPUT/results.json (per run: held-out success and the
+    training curve; per method: mean and standard deviation over seeds, teacher statistics),
+    OUTPUT/results.md (the table in markdown) and OUTPUT/success.png (training and held-out success).
     """
     _quiet_libraries()
-    import json
-
-    from .compare import CompareError, compare, load_spec, plot_curves, results_markdown, results_table
+    from .compare import CompareError, compare, load_spec, results_table, write_results
     from .config import ConfigError
     from .envs import EnvironmentConfigError
     from .evaluate import EvalError
@@ -361,20 +359,22 @@ def compare_methods(
     chosen_methods = [part.strip() for part in methods.split(",")] if methods else None
     try:
         destination = output_dir or Path(load_spec(spec).output)
-        results = compare(spec, destination, chosen_seeds, chosen_methods, console, reevaluate=reevaluate)
+
+        def so_far(results: dict) -> None:
+            done = sorted({run["seed"] for run in results["runs"]})
+            console.print(results_table(results))
+            paths = write_results(results, destination)
+            console.print(f"Results so far (seeds {', '.join(map(str, done))}) written to {', '.join(map(str, paths))}",
+                          highlight=False, soft_wrap=True)
+
+        results = compare(spec, destination, chosen_seeds, chosen_methods, console, reevaluate=reevaluate,
+                          on_seed_done=so_far)
     except (ConfigError, EnvironmentConfigError, ModelLoadError, RunDirError, TargetError, EvalError, CompareError) as err:
         err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR) from None
     console.print(results_table(results))
-    destination.mkdir(parents=True, exist_ok=True)
-    (destination / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (destination / "results.md").write_text(results_markdown(results))
-    plot_curves(results, destination / "success.png")
-    console.print(
-        f"Results written to {destination / 'results.json'}, {destination / 'results.md'} and {destination / 'success.png'}",
-        highlight=False,
-        soft_wrap=True,
-    )
+    paths = write_results(results, destination)
+    console.print(f"Results written to {', '.join(map(str, paths))}", highlight=False, soft_wrap=True)
 
 
 def _quiet_libraries() -> None:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,11 +131,15 @@ def compare(
     methods: list[str] | None = None,
     console: Console | None = None,
     reevaluate: bool = False,
+    on_seed_done: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train what is missing, evaluate everything on the same tasks, return the results (JSON-ready).
 
-    Evaluations are kept in OUTPUT/eval-cache and reused while the checkpoint, model and settings are
-    unchanged; `reevaluate` plays every target again (and refreshes the cache)."""
+    Seed by seed: every method trains with the seed, then the runs finished so far are evaluated and, when
+    more seeds follow, `on_seed_done` receives the results so far (a comparison stopped part-way has
+    held-out numbers for its finished seeds). Evaluations are kept in OUTPUT/eval-cache and reused while
+    the checkpoint, model and settings are unchanged; `reevaluate` plays every target again once (and
+    refreshes the cache)."""
     console = console or Console()
     spec = load_spec(spec_path)
     config_path = (spec_path.parent / spec.config).resolve()
@@ -145,6 +151,8 @@ def compare(
     chosen_seeds = seeds if seeds is not None else spec.seeds
 
     runs: list[dict[str, Any]] = []
+    played: set[str] = set()  # targets evaluated (or, with reevaluate, played again) by this command
+    results: dict[str, Any] = {}
     # seed by seed, every method once per seed: a comparison stopped part-way has the same seeds for all methods
     for seed in chosen_seeds:
         for method in chosen_methods:
@@ -172,8 +180,33 @@ def compare(
                     ],
                 }
             )
+        results = _evaluate(spec, spec_path, config_path, output_dir, runs, chosen_methods, chosen_seeds, console,
+                            reevaluate, played)
+        if on_seed_done is not None and seed != chosen_seeds[-1]:
+            on_seed_done(results)
+    return results
 
-    runs.sort(key=lambda run: (chosen_methods.index(run["method"]), chosen_seeds.index(run["seed"])))
+
+def _evaluate(
+    spec: CompareSpec,
+    spec_path: Path,
+    config_path: Path,
+    output_dir: Path,
+    trained: list[dict[str, Any]],
+    chosen_methods: list[str],
+    chosen_seeds: list[int],
+    console: Console,
+    reevaluate: bool,
+    played: set[str],
+) -> dict[str, Any]:
+    """Evaluate the trained runs (and the models before RL) on the held-out tasks; the results so far.
+
+    `played` holds the targets this command evaluated already; they are read back from the cache and the
+    new ones are added to it."""
+    runs = sorted(
+        (dict(run) for run in trained),
+        key=lambda run: (chosen_methods.index(run["method"]), chosen_seeds.index(run["seed"])),
+    )
     targets = [run["run_dir"] for run in runs]
     if spec.best:
         for run in runs:
@@ -188,8 +221,9 @@ def compare(
     eval_seconds: dict[str, float] = {}
     report = evaluate_targets(
         targets, None, [*spec.overrides, *spec.eval_overrides], console,
-        cache_dir=output_dir / EVAL_CACHE, reuse=not reevaluate, seconds=eval_seconds,
+        cache_dir=output_dir / EVAL_CACHE, reuse=not reevaluate, seconds=eval_seconds, reuse_names=played,
     )
+    played.update(targets)
     by_target = {t["target"]: t for t in report["targets"]}
     for run in runs:
         result = by_target[run["run_dir"]]
@@ -227,6 +261,20 @@ def compare(
             "eval_seconds": sum(eval_seconds.values()),  # as played, also for evaluations reused from the cache
         },
     }
+
+
+def write_results(results: dict[str, Any], destination: Path) -> list[Path]:
+    """results.json, results.md and success.png in `destination`, each replaced whole (written beside, then
+    renamed), so an interrupted write never leaves a half file; the paths written."""
+    destination.mkdir(parents=True, exist_ok=True)
+    paths = [destination / "results.json", destination / "results.md", destination / "success.png"]
+    staged = [path.with_name(f".{path.stem}.partial{path.suffix}") for path in paths]
+    staged[0].write_text(json.dumps(results, indent=2) + "\n")
+    staged[1].write_text(results_markdown(results))
+    plot_curves(results, staged[2])
+    for stage, path in zip(staged, paths):
+        os.replace(stage, path)
+    return paths
 
 
 def results_table(results: dict[str, Any]) -> Table:

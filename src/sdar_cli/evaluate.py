@@ -18,7 +18,7 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -324,12 +324,14 @@ def evaluate_targets(
     cache_dir: Path | None = None,
     reuse: bool = True,
     seconds: dict[str, float] | None = None,
+    reuse_names: Collection[str] = (),
 ) -> dict[str, Any]:
     """Evaluate each target on the same tasks; the JSON-ready report (no timings, so reruns are identical).
 
     With `cache_dir`, a target's report is stored there under `evaluation_key` and (when `reuse`) reused
     while nothing that decides its episodes has changed, so a long comparison evaluates each checkpoint
-    once. `seconds`, when given, receives each target's evaluation time (the time it took when played).
+    once. Targets named in `reuse_names` (played earlier by the same command) reuse their entry even when
+    `reuse` is off. `seconds`, when given, receives each target's evaluation time (the time it took when played).
     """
     targets = resolve_targets(names, config_path, overrides)
     shared = targets[0].config
@@ -352,7 +354,7 @@ def evaluate_targets(
             cached = None
             if cache_dir is not None:
                 cached = cache_dir / f"{evaluation_key(target, report['settings'], max_turns)}.json"
-                entry = _read_cached(cached) if reuse else None
+                entry = _read_cached(cached) if reuse or target.name in reuse_names else None
                 if entry is not None:  # where the model and checkpoint are now (the folder may have moved)
                     checkpoint = str(target.checkpoint) if target.checkpoint else None
                     report["targets"].append(
