@@ -76,7 +76,8 @@ def comparison(tiny_model_dir, tmp_path_factory):
         "seeds": [0, 1],
         "overrides": [f"{key}={value}" for key, value in overrides.items()],
         "best": True,
-        "references": {"flipped head": str(reference)},
+        # the second reference is the model the runs start from: played once, shown in both rows
+        "references": {"flipped head": str(reference), "same as start": str(tiny_model_dir)},
     }
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
     with one_torch_thread():
@@ -133,20 +134,27 @@ def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(compari
     assert (root / "out" / "results.md").read_text() == results_markdown(final)
     table = results_markdown(results).splitlines()
     sdar = results["methods"]["sdar"]
-    assert table[0].count("|") == table[1].count("|") == table[2].count("|") == table[5].count("|") == 9
+    assert table[0].count("|") == table[1].count("|") == table[2].count("|") == table[6].count("|") == 9
     assert "best checkpoint" in table[0]  # the fixture's spec asks for best checkpoints
     reference_result = results["references"]["flipped head"]
     reference = root / "reference-model"
     assert reference_result["model"] == str(reference) and reference_result["episodes"] == 4
     assert table[2] == f"| flipped head (`{reference}`) | - | {100 * reference_result['success_rate']:.1f}% | - | - | - | - | - |"
     assert results["baseline"]["model"] == str(tiny_model_dir)
-    assert table[3] == f"| before RL (`{tiny_model_dir}`) | - | {100 * results['baseline']['success_rate']:.1f}% | - | - | - | - | - |"
-    assert table[5].startswith(f"| sdar | 2 | {100 * sdar['success_mean']:.1f}% ± {100 * sdar['success_std']:.1f} | ")
-    assert f"| {100 * sdar['best_mean']:.1f}% ± {100 * sdar['best_std']:.1f} |" in table[5]
-    assert table[5].endswith(f" | {sdar['teacher']['gate_mean']:.3f} | {sdar['teacher']['gate_active_ratio']:.2f} | "
+    assert results["references"]["same as start"] == results["baseline"]
+    assert table[4] == f"| before RL (`{tiny_model_dir}`) | - | {100 * results['baseline']['success_rate']:.1f}% | - | - | - | - | - |"
+    assert table[6].startswith(f"| sdar | 2 | {100 * sdar['success_mean']:.1f}% ± {100 * sdar['success_std']:.1f} | ")
+    assert f"| {100 * sdar['best_mean']:.1f}% ± {100 * sdar['best_std']:.1f} |" in table[6]
+    assert table[6].endswith(f" | {sdar['teacher']['gate_mean']:.3f} | {sdar['teacher']['gate_active_ratio']:.2f} | "
                              f"{sdar['teacher']['teacher_gap_mean']:+.3f} |")
-    assert table[4].endswith("| - | - | - |")  # grpo has no teacher
-    assert "4 held-out episodes per agent (household, split test, sample at T=0.4" in table[7]
+    assert table[5].endswith("| - | - | - |")  # grpo has no teacher
+    assert "4 held-out episodes per agent (household, split test, sample at T=0.4" in table[8]
+    assert (results["seeds"], results["seeds_done"], results["complete"]) == ([0, 1], [0, 1], True)
+    assert "Partial" not in results_markdown(results)
+    # the runs decide the shared settings: the untrained model was played once, though named twice
+    assert first.output.count(f"{tiny_model_dir}: 4 episodes in") == 1
+    # references are played after the runs (the first target's config would set every target's tasks)
+    assert first.output.index(f"{reference}: 4 episodes in") > first.output.index(f"{root / 'out' / 'sdar-seed0'}: 4 episodes in")
     assert "held-out success" in first.output and "best ckpt" in first.output
     # trained seed by seed (a comparison stopped part-way is balanced), listed method by method
     order = [first.output.index(f"{name}: training") for name in ("grpo-seed0", "sdar-seed0", "grpo-seed1", "sdar-seed1")]
@@ -156,6 +164,8 @@ def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(compari
     evaluated = [first.output.index(f"{out / name}: 4 episodes in") for name in ("grpo-seed0", "sdar-seed0")]
     written_so_far = first.output.index("Results so far (seeds 0) written to")
     assert max(evaluated) < written_so_far < first.output.index("grpo-seed1: training")
+    # the table printed then says it is partial
+    assert max(evaluated) < first.output.index("Partial: seeds 0 of 0, 1 so far.") < written_so_far
     assert first.output.count("Results so far") == 1  # not after the last seed: the final results follow
     for name in ("grpo-seed1", "sdar-seed1"):  # played once, after seed 1; seed 0's entries read back then
         assert first.output.count(f"{out / name}: 4 episodes in") == 1
@@ -169,6 +179,7 @@ def test_a_rerun_keeps_finished_runs_and_their_evaluations_and_replaying_reprodu
     assert again.exit_code == 0, again.output
     assert "sdar-seed1: already trained (1 steps), kept." in again.output
     assert again.output.count("evaluated before, reused") == 3  # the reference, the untrained model and sdar-seed1
+    assert (results_again["seeds"], results_again["seeds_done"], results_again["complete"]) == ([1], [1], True)
     assert len(list((root / "out" / "eval-cache").glob("*.json"))) == 6  # the reference, the untrained model, 4 runs
     # the compute reported is what the evaluations took when played, not the ~0 s of reading the cache
     assert results_again["compute"]["eval_seconds"] > 0.5
@@ -243,6 +254,51 @@ def test_bad_spec_or_method_is_a_user_error(tmp_path):
     (tmp_path / "spec.yaml").write_text("config: x.yaml\nmethods: {sdar: []}\n")
     result = CliRunner().invoke(app, ["compare", str(tmp_path / "spec.yaml"), "--methods", "ppo"])
     assert result.exit_code == 2 and "unknown method" in result.output
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("methods: {grpo: []}\nseeds: [0, 1, 0]\n", "seeds: seed(s) [0] listed twice"),
+        ("methods: {}\n", "name at least one method"),
+        ("methods: {grpo: []}\nreferences: {'': m}\n", "a label is empty"),
+        ("methods: {grpo: []}\nreferences: {grpo: m}\n", "the label 'grpo' is also a method"),
+        ("methods: {grpo: []}\nreferences: {before RL: m}\n", "the label 'before RL' is also a method or the"),
+        ("methods: {grpo: []}\nreferences: {untrained: ''}\n", "'untrained' names no model"),
+        ("methods: {grpo: []}\nreferences: [m]\n", "references: Input should be a valid dictionary"),
+    ],
+)
+def test_an_ambiguous_spec_is_refused_with_the_fix(tmp_path, spec, message):
+    (tmp_path / "spec.yaml").write_text("config: x.yaml\n" + spec)
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "spec.yaml")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert message in " ".join(result.output.split()), result.output
+
+
+def test_a_missing_reference_or_a_repeated_seed_is_refused_before_any_training(tiny_model_dir, tmp_path):
+    (tmp_path / "train.yaml").write_text(f"model:\n  name: {tiny_model_dir}\n")
+    spec = {"config": "train.yaml", "methods": {"grpo": []}, "seeds": [0],
+            "references": {"before warm-up": str(tmp_path / "no-such-model")}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "spec.yaml"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "references: 'before warm-up':" in result.output and "does not exist" in result.output
+    assert not (tmp_path / "out").exists()  # nothing trained
+    spec["references"] = {}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "spec.yaml"), "-o", str(tmp_path / "out"), "--seeds", "0,0"])
+    assert result.exit_code == 2 and "a seed is named twice in [0, 0]" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_partial_results_say_which_seeds_they_cover():
+    from sdar_cli.compare import finite_or_none, partial_note
+
+    assert partial_note({"complete": False, "seeds_done": [0, 1], "seeds": [0, 1, 2]}) == "Partial: seeds 0, 1 of 0, 1, 2 so far."
+    assert partial_note({"complete": True, "seeds_done": [0], "seeds": [0]}) is None
+    assert partial_note({}) is None  # results written before the field existed
+    # a NaN gradient norm (a skipped update) is kept as null: json.dumps would write NaN, which is not JSON
+    assert [finite_or_none(v) for v in (float("nan"), float("inf"), 0.5, 3, None)] == [None, None, 0.5, 3, None]
 
 
 def test_a_best_checkpoint_before_the_last_is_evaluated_as_its_own_target(tiny_model_dir, tmp_path, monkeypatch):

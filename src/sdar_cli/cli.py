@@ -329,7 +329,7 @@ def compare_methods(
         Optional[str], typer.Option("--methods", help="Comma-separated methods to run instead of all, e.g. sdar,grpo.")
     ] = None,
     reevaluate: Annotated[
-        bool, typer.Option("--reevaluate", help="Play every evaluation again instead of reusing OUTPUT/eval-cache.")
+        bool, typer.Option("--reevaluate", help="Play every evaluation again (each target once per command) instead of reusing OUTPUT/eval-cache.")
     ] = False,
 ) -> None:
     """Train each method with each seed on the same tasks and budget, then evaluate them all.
@@ -361,10 +361,15 @@ def compare_methods(
         destination = output_dir or Path(load_spec(spec).output)
 
         def so_far(results: dict) -> None:
-            done = sorted({run["seed"] for run in results["runs"]})
             console.print(results_table(results))
-            paths = write_results(results, destination)
-            console.print(f"Results so far (seeds {', '.join(map(str, done))}) written to {', '.join(map(str, paths))}",
+            try:
+                paths = write_results(results, destination)
+            except OSError as err:  # the comparison goes on; the final write tries again
+                err_console.print(f"[yellow]Warning:[/yellow] could not write the results so far: {escape(str(err))}",
+                                  highlight=False, soft_wrap=True)
+                return
+            done = ", ".join(map(str, results["seeds_done"]))
+            console.print(f"Results so far (seeds {done}) written to {', '.join(map(str, paths))}",
                           highlight=False, soft_wrap=True)
 
         results = compare(spec, destination, chosen_seeds, chosen_methods, console, reevaluate=reevaluate,

@@ -29,13 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from rich.console import Console
 from rich.table import Table
 
 from .config import ConfigError, load_config
 from .evaluate import evaluate_targets
+from .models import ModelLoadError, load_model_config
 from .run import CONFIG_FILE, METRICS_FILE, latest_checkpoint, train
+from .targets import TargetError, resolve_target
 
 
 #: what each run's training curve keeps from metrics.jsonl, per step
@@ -46,6 +48,8 @@ GATE_KEYS = ("gate_mean", "gate_active_ratio", "teacher_gap_mean")
 
 #: evaluations already played, by evaluation key (see evaluate.evaluation_key)
 EVAL_CACHE = "eval-cache"
+#: the label of the row for the model the runs start from
+BASELINE_LABEL = "before RL"
 
 
 class CompareError(ValueError):
@@ -73,6 +77,29 @@ class CompareSpec(BaseModel):
     )
     output: str = "runs/compare"
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+        if repeated:
+            raise ValueError(f"seed(s) {repeated} listed twice; each seed trains one run per method")
+        return seeds
+
+    @model_validator(mode="after")
+    def _distinct_labels(self) -> "CompareSpec":
+        if not self.methods:
+            raise ValueError("methods: name at least one method, e.g. `grpo: [algorithm.name=grpo]`")
+        for label, model in self.references.items():
+            if not label.strip():
+                raise ValueError("references: a label is empty; write `label: model`, e.g. `before warm-up: MODEL`")
+            if label in self.methods or label == BASELINE_LABEL:
+                raise ValueError(
+                    f"references: the label '{label}' is also a method or the '{BASELINE_LABEL}' row; choose another"
+                )
+            if not model.strip():
+                raise ValueError(f"references: '{label}' names no model; write `{label}: MODEL`")
+        return self
+
 
 def load_spec(path: Path) -> CompareSpec:
     if not path.is_file():
@@ -83,7 +110,10 @@ def load_spec(path: Path) -> CompareSpec:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+        problems = "; ".join(
+            ": ".join(part for part in (".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")) if part)
+            for e in err.errors()
+        )
         raise ConfigError(f"{path}: {problems}") from None
 
 
@@ -114,6 +144,23 @@ def best_checkpoint(run_dir: Path, metrics: list[dict[str, Any]]) -> Path | None
         return None
     best = max(candidates, key=lambda step: (success[step], step))
     return run_dir / f"checkpoint-{best - 1}"
+
+
+def finite_or_none(value: Any) -> Any:
+    """The value, or None for NaN and infinities (which JSON cannot hold)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def check_references(spec: CompareSpec, config_path: Path) -> None:
+    """Fail before any training when a reference model cannot be found (a mistyped path would otherwise
+    surface after the first seed's training, hours in)."""
+    for label, model in spec.references.items():
+        try:
+            target = resolve_target(model, config_path, spec.overrides)
+            if target.kind == "base":
+                load_model_config(target.config.model)
+        except (TargetError, ModelLoadError) as err:
+            raise CompareError(f"references: '{label}': {err}") from None
 
 
 def mean_and_std(values: list[float]) -> tuple[float, float | None]:
@@ -149,6 +196,10 @@ def compare(
         raise CompareError(f"unknown method(s) {unknown}; the spec has {sorted(spec.methods)}.")
     chosen_methods = methods or list(spec.methods)
     chosen_seeds = seeds if seeds is not None else spec.seeds
+    for chosen, what in ((chosen_methods, "method"), (chosen_seeds, "seed")):
+        if len(set(chosen)) != len(chosen):
+            raise CompareError(f"a {what} is named twice in {chosen}; name each once.")
+    check_references(spec, config_path)
 
     runs: list[dict[str, Any]] = []
     played: set[str] = set()  # targets evaluated (or, with reevaluate, played again) by this command
@@ -174,10 +225,7 @@ def compare(
                     "seed": seed,
                     "run_dir": str(run_dir),
                     "train_seconds": sum(r.get("step_seconds") or 0.0 for r in metrics),
-                    "curve": [
-                        {key: r.get(key) for key in CURVE_KEYS}
-                        for r in metrics
-                    ],
+                    "curve": [{key: finite_or_none(r.get(key)) for key in CURVE_KEYS} for r in metrics],
                 }
             )
         results = _evaluate(spec, spec_path, config_path, output_dir, runs, chosen_methods, chosen_seeds, console,
@@ -217,7 +265,8 @@ def _evaluate(
     base_model = load_config(config_path, spec.overrides).model.name
     if spec.baseline:
         targets = [base_model, *targets]
-    targets = [*(model for model in spec.references.values() if model not in targets), *targets]
+    # references last: the first run decides the shared tasks and settings (and a base model's prompt format)
+    targets += [model for model in dict.fromkeys(spec.references.values()) if model not in targets]
     eval_seconds: dict[str, float] = {}
     report = evaluate_targets(
         targets, None, [*spec.overrides, *spec.eval_overrides], console,
@@ -246,9 +295,13 @@ def _evaluate(
             best_rates = [run["best"]["success_rate"] for run in runs if run["method"] == method]
             best_mean, best_std = mean_and_std(best_rates)
             summary[method].update(best_mean=best_mean, best_std=best_std, best_per_seed=best_rates)
+    seeds_done = [seed for seed in chosen_seeds if any(run["seed"] == seed for run in runs)]
     return {
         "spec": spec.model_dump(),
         "spec_file": str(spec_path),
+        "seeds": chosen_seeds,
+        "seeds_done": seeds_done,
+        "complete": seeds_done == chosen_seeds,
         "evaluation": report["settings"],
         "baseline": {"model": base_model, **by_target[base_model]["overall"]} if spec.baseline else None,
         "references": {
@@ -269,16 +322,37 @@ def write_results(results: dict[str, Any], destination: Path) -> list[Path]:
     destination.mkdir(parents=True, exist_ok=True)
     paths = [destination / "results.json", destination / "results.md", destination / "success.png"]
     staged = [path.with_name(f".{path.stem}.partial{path.suffix}") for path in paths]
-    staged[0].write_text(json.dumps(results, indent=2) + "\n")
-    staged[1].write_text(results_markdown(results))
-    plot_curves(results, staged[2])
-    for stage, path in zip(staged, paths):
-        os.replace(stage, path)
+    try:
+        staged[0].write_text(json.dumps(results, indent=2) + "\n")
+        staged[1].write_text(results_markdown(results))
+        plot_curves(results, staged[2])
+        for stage, path in zip(staged, paths):
+            os.replace(stage, path)
+    finally:
+        for stage in staged:
+            stage.unlink(missing_ok=True)
     return paths
 
 
+def fixed_rows(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, model, result) of the rows that are not methods: the references, then the model before RL."""
+    rows = [(label, row["model"], row) for label, row in (results.get("references") or {}).items()]
+    if results.get("baseline"):
+        rows.append((BASELINE_LABEL, results["baseline"]["model"], results["baseline"]))
+    return rows
+
+
+def partial_note(results: dict[str, Any]) -> str | None:
+    """A line saying which seeds the results cover, while some are still to train; None when complete."""
+    if results.get("complete", True):
+        return None
+    done, planned = results["seeds_done"], results["seeds"]
+    return f"Partial: seeds {', '.join(map(str, done))} of {', '.join(map(str, planned))} so far."
+
+
 def results_table(results: dict[str, Any]) -> Table:
-    table = Table(title=f"held-out success ({results['evaluation']['episodes']} episodes per agent)")
+    table = Table(title=f"held-out success ({results['evaluation']['episodes']} episodes per agent)",
+                  caption=partial_note(results))
     with_best = results["spec"].get("best", False)
     columns = ["method", "seeds", "success mean ± std", "per seed"] + (["best ckpt mean ± std"] if with_best else [])
     for column in columns:
@@ -287,11 +361,8 @@ def results_table(results: dict[str, Any]) -> Table:
     def rate(mean: float, std: float | None) -> str:
         return f"{100 * mean:.1f}%" + (f" ± {100 * std:.1f}" if std is not None else "")
 
-    rows = list((results.get("references") or {}).items())
-    if results.get("baseline"):
-        rows.append(("before RL", results["baseline"]))
-    for label, row in rows:
-        table.add_row(label, "-", f"{100 * row['success_rate']:.1f}%", "-", *(["-"] if with_best else []))
+    for label, model, row in fixed_rows(results):
+        table.add_row(f"{label} ({model})", "-", f"{100 * row['success_rate']:.1f}%", "-", *(["-"] if with_best else []))
     for method, row in results["methods"].items():
         cells = [method, str(row["seeds"]), rate(row["success_mean"], row["success_std"]),
                  ", ".join(f"{100 * r:.0f}%" for r in row["per_seed"])]
@@ -317,11 +388,9 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"| method | seeds | held-out success, mean ± std | per seed |{best_header} gate mean | gate active | teacher gap |",
         f"|---|---|---|---|{best_rule}---|---|---|",
     ]
-    rows = [(f"{label} (`{reference['model']}`)", reference) for label, reference in (results.get("references") or {}).items()]
-    if results.get("baseline"):
-        rows.append((f"before RL (`{results['baseline']['model']}`)", results["baseline"]))
-    for label, row in rows:
-        lines.append(f"| {label} | - | {rate(row['success_rate'], None)} | - |" + (" - |" if with_best else "") + " - | - | - |")
+    for label, model, row in fixed_rows(results):
+        lines.append(f"| {label} (`{model}`) | - | {rate(row['success_rate'], None)} | - |" + (" - |" if with_best else "")
+                     + " - | - | - |")
     for method, row in results["methods"].items():
         teacher = row.get("teacher") or {}
         best = f" {rate(row['best_mean'], row['best_std'])} |" if with_best else ""
@@ -339,6 +408,8 @@ def results_markdown(results: dict[str, Any]) -> str:
         + f", eval seed {evaluation['seed']}); std is the sample standard deviation over seeds. Compute: "
         f"{compute['train_seconds'] / 3600:.2f} h training, {compute['eval_seconds'] / 3600:.2f} h evaluation.",
     ]
+    if (note := partial_note(results)) is not None:
+        lines += ["", f"**{note}**"]
     return "\n".join(lines) + "\n"
 
 
@@ -383,17 +454,16 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
                             linestyle=styles[index % len(styles)], label=f"{method} ({seeds} seed{'s' if seeds != 1 else ''})")
         axis.fill_between(steps, band["low"], band["high"], color=line.get_color(), alpha=0.12)
         row = results["methods"][method]
-        held_out.scatter([index] * len(row["per_seed"]), row["per_seed"], color=line.get_color(), alpha=0.5, s=18)
+        spread = [index + 0.12 * (k - (len(row["per_seed"]) - 1) / 2) for k in range(len(row["per_seed"]))]
+        held_out.scatter(spread, row["per_seed"], color=line.get_color(), alpha=0.5, s=18)
         held_out.errorbar([index], [row["success_mean"]], yerr=[[row["success_std"] or 0.0]] * 2,
                           color=line.get_color(), marker=markers[index % len(markers)], markersize=8, capsize=4)
-    lines = [("before RL", results.get("baseline"), "--")] + [
-        (label, reference, ":") for label, reference in (results.get("references") or {}).items()
-    ]
-    for label, row, style in lines:
-        if row:
-            for target in (axis, held_out):
-                target.axhline(row["success_rate"], color="grey", linestyle=style,
-                               label=f"{label}, held-out" if target is axis else None)
+    # thin grey lines with their own dash patterns, unlike any method's line
+    dashes = [(0, (6, 2, 1, 2)), (0, (1, 3)), (0, (8, 4)), (0, (3, 1, 1, 1, 1, 1))]
+    for number, (label, _, row) in enumerate(reversed(fixed_rows(results))):
+        for target in (axis, held_out):
+            target.axhline(row["success_rate"], color="grey", linewidth=1.0, linestyle=dashes[number % len(dashes)],
+                           label=f"{label}, held-out" if target is axis else None)
     axis.set_xlabel("training step")
     axis.set_ylabel("success rate")
     axis.set_title("training batches", fontsize=9)

@@ -390,7 +390,8 @@ def evaluate_targets(
             if cached is not None:
                 _write_cached(cached, {"report": report["targets"][-1], "seconds": played_seconds})
             progress.console.print(
-                f"{target.name}: {len(episodes)} episodes in {played_seconds:.1f}s", highlight=False
+                f"{target.name}: {len(episodes)} episodes in {played_seconds:.1f}s", highlight=False, markup=False,
+                soft_wrap=True,
             )
     return report
 
