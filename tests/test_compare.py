@@ -104,6 +104,10 @@ def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(compari
         assert [point["step"] for point in run["curve"]] == [1]
         assert run["checkpoint"].endswith("checkpoint-1")
         assert run["final"]["episodes"] == 4
+        episodes = run["final_episodes"]  # the held-out episodes one by one, on the shared tasks, in their order
+        assert [e["task_id"] for e in episodes] == [t for t in results["evaluation"]["task_ids"]]
+        assert sum(e["won"] for e in episodes) / 4 == run["final"]["success_rate"]
+        assert sum(e["turns"] for e in episodes) / 4 == pytest.approx(run["final"]["turns_mean"])
         # one step: no checkpoint was measured by a later batch, so the best reported is the final one
         assert run["best"]["step"] == 1 and run["best"]["success_rate"] == run["final"]["success_rate"]
     assert len(results["evaluation"]["task_ids"]) == 4

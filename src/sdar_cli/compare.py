@@ -278,6 +278,10 @@ def _evaluate(
         result = by_target[run["run_dir"]]
         run["checkpoint"] = result["checkpoint"]
         run["final"] = result["overall"]
+        # per held-out episode (same order for every target), so runs can be compared episode by episode
+        run["final_episodes"] = [
+            {key: episode[key] for key in ("task_id", "won", "turns", "invalid_actions")} for episode in result["episodes"]
+        ]
         if spec.best:
             best = by_target[run.pop("best_target")] if "best_target" in run else result
             run["best"] = {"step": best["step"], "checkpoint": best["checkpoint"], **best["overall"]}
