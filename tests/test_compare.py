@@ -169,7 +169,9 @@ def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(compari
     written_so_far = first.output.index("Results so far (seeds 0) written to")
     assert max(evaluated) < written_so_far < first.output.index("grpo-seed1: training")
     # the table printed then says it is partial
-    assert max(evaluated) < first.output.index("Partial: seeds 0 of 0, 1 so far.") < written_so_far
+    assert max(evaluated) < first.output.index("Partial: seeds 0 done of 0, 1.") < written_so_far
+    # named twice (a reference and the model before RL), the untrained model was played once in seed 0's pass
+    assert first.output[:written_so_far].count(f"{tiny_model_dir}: ") == 1
     assert first.output.count("Results so far") == 1  # not after the last seed: the final results follow
     for name in ("grpo-seed1", "sdar-seed1"):  # played once, after seed 1; seed 0's entries read back then
         assert first.output.count(f"{out / name}: 4 episodes in") == 1
@@ -183,7 +185,9 @@ def test_a_rerun_keeps_finished_runs_and_their_evaluations_and_replaying_reprodu
     assert again.exit_code == 0, again.output
     assert "sdar-seed1: already trained (1 steps), kept." in again.output
     assert again.output.count("evaluated before, reused") == 3  # the reference, the untrained model and sdar-seed1
-    assert (results_again["seeds"], results_again["seeds_done"], results_again["complete"]) == ([1], [1], True)
+    # one seed and one method of the spec: partial, and it says so
+    assert (results_again["seeds"], results_again["seeds_done"], results_again["complete"]) == ([0, 1], [1], False)
+    assert "Partial: seeds 1 done of 0, 1; methods sdar of grpo, sdar." in results_markdown(results_again)
     assert len(list((root / "out" / "eval-cache").glob("*.json"))) == 6  # the reference, the untrained model, 4 runs
     # the compute reported is what the evaluations took when played, not the ~0 s of reading the cache
     assert results_again["compute"]["eval_seconds"] > 0.5
@@ -288,17 +292,29 @@ def test_a_missing_reference_or_a_repeated_seed_is_refused_before_any_training(t
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "references: 'before warm-up':" in result.output and "does not exist" in result.output
     assert not (tmp_path / "out").exists()  # nothing trained
+    # a checkpoint outside any run directory (its config unknown), or a hub-style name not in the offline cache
+    bare = tmp_path / "bare-checkpoint"
+    bare.mkdir()
+    (bare / "adapter_config.json").write_text("{}")
+    for reference, message in ((str(bare), "is not inside a run directory"), ("runs/warm-x", "Cannot load model 'runs/warm-x'")):
+        spec["references"] = {"before warm-up": reference}
+        (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+        result = CliRunner().invoke(app, ["compare", str(tmp_path / "spec.yaml"), "-o", str(tmp_path / "out")])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert message in result.output and not (tmp_path / "out").exists()
     spec["references"] = {}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     result = CliRunner().invoke(app, ["compare", str(tmp_path / "spec.yaml"), "-o", str(tmp_path / "out"), "--seeds", "0,0"])
-    assert result.exit_code == 2 and "a seed is named twice in [0, 0]" in result.output
+    assert result.exit_code == 2 and "--seeds names one twice: 0,0" in result.output
     assert not (tmp_path / "out").exists()
 
 
 def test_partial_results_say_which_seeds_they_cover():
     from sdar_cli.compare import finite_or_none, partial_note
 
-    assert partial_note({"complete": False, "seeds_done": [0, 1], "seeds": [0, 1, 2]}) == "Partial: seeds 0, 1 of 0, 1, 2 so far."
+    spec = {"methods": {"grpo": [], "sdar": []}}
+    assert partial_note({"complete": False, "seeds_done": [0, 1], "seeds": [0, 1, 2], "spec": spec,
+                         "methods_done": ["grpo", "sdar"]}) == "Partial: seeds 0, 1 done of 0, 1, 2."
     assert partial_note({"complete": True, "seeds_done": [0], "seeds": [0]}) is None
     assert partial_note({}) is None  # results written before the field existed
     # a NaN gradient norm (a skipped update) is kept as null: json.dumps would write NaN, which is not JSON

@@ -51,3 +51,17 @@ def test_one_sdar_step_on_the_embedded_model(tmp_path):
     assert all(lp <= 0.0 for r in records for lp in r["student_logp"] + r["teacher_logp"])
     assert any(abs(t - s) > 1e-4 for r in records for t, s in zip(r["teacher_logp"], r["student_logp"]))
     assert (run_dir / "checkpoint-1" / "adapter_model.safetensors").is_file()
+
+
+def test_reading_the_embedded_models_config_without_gguf_names_the_install(monkeypatch, tmp_path):
+    """Before its first conversion the config comes from the gguf header: without the gguf package that is a
+    ModelLoadError naming the install (exit 2 in the CLI), not transformers' ImportError."""
+    import importlib.util
+
+    import sdar_cli.models as models
+
+    monkeypatch.setattr(models, "_embedded_cache_dir", lambda: tmp_path / "not-converted-yet")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
+    with pytest.raises(models.ModelLoadError, match="gguf"):
+        models.load_model_config(load_config(None, [f"model.name={EMBEDDED_MODEL}"]).model)

@@ -378,7 +378,13 @@ def compare_methods(
         err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR) from None
     console.print(results_table(results))
-    paths = write_results(results, destination)
+    try:
+        paths = write_results(results, destination)
+    except OSError as err:
+        err_console.print(f"[red]Error:[/red] could not write the results to {escape(str(destination))}: {escape(str(err))}. "
+                          "Free space or fix permissions there, then re-run the same command (nothing is trained again).",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(USER_ERROR) from None
     console.print(f"Results written to {', '.join(map(str, paths))}", highlight=False, soft_wrap=True)
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .config import ConfigError, load_config
@@ -156,7 +157,8 @@ def check_references(spec: CompareSpec, config_path: Path) -> None:
     surface after the first seed's training, hours in)."""
     for label, model in spec.references.items():
         try:
-            target = resolve_target(model, config_path, spec.overrides)
+            # as the evaluation will resolve it: a run or checkpoint with its own config
+            target = resolve_target(model, None, [*spec.overrides, *spec.eval_overrides])
             if target.kind == "base":
                 load_model_config(target.config.model)
         except (TargetError, ModelLoadError) as err:
@@ -196,9 +198,9 @@ def compare(
         raise CompareError(f"unknown method(s) {unknown}; the spec has {sorted(spec.methods)}.")
     chosen_methods = methods or list(spec.methods)
     chosen_seeds = seeds if seeds is not None else spec.seeds
-    for chosen, what in ((chosen_methods, "method"), (chosen_seeds, "seed")):
+    for chosen, what in ((chosen_methods, "methods"), (chosen_seeds, "seeds")):
         if len(set(chosen)) != len(chosen):
-            raise CompareError(f"a {what} is named twice in {chosen}; name each once.")
+            raise CompareError(f"--{what} names one twice: {','.join(map(str, chosen))}; name each once.")
     check_references(spec, config_path)
 
     runs: list[dict[str, Any]] = []
@@ -299,13 +301,16 @@ def _evaluate(
             best_rates = [run["best"]["success_rate"] for run in runs if run["method"] == method]
             best_mean, best_std = mean_and_std(best_rates)
             summary[method].update(best_mean=best_mean, best_std=best_std, best_per_seed=best_rates)
-    seeds_done = [seed for seed in chosen_seeds if any(run["seed"] == seed for run in runs)]
+    trained_seeds = {run["seed"] for run in runs}
+    seeds_done = [seed for seed in dict.fromkeys([*spec.seeds, *chosen_seeds]) if seed in trained_seeds]
     return {
         "spec": spec.model_dump(),
         "spec_file": str(spec_path),
-        "seeds": chosen_seeds,
+        # complete: every method and seed of the spec (a narrower --seeds or --methods gives partial results)
+        "seeds": spec.seeds,
         "seeds_done": seeds_done,
-        "complete": seeds_done == chosen_seeds,
+        "methods_done": chosen_methods,
+        "complete": set(seeds_done) >= set(spec.seeds) and set(chosen_methods) == set(spec.methods),
         "evaluation": report["settings"],
         "baseline": {"model": base_model, **by_target[base_model]["overall"]} if spec.baseline else None,
         "references": {
@@ -351,7 +356,11 @@ def partial_note(results: dict[str, Any]) -> str | None:
     if results.get("complete", True):
         return None
     done, planned = results["seeds_done"], results["seeds"]
-    return f"Partial: seeds {', '.join(map(str, done))} of {', '.join(map(str, planned))} so far."
+    note = f"Partial: seeds {', '.join(map(str, done))} done of {', '.join(map(str, planned))}"
+    methods = results["spec"]["methods"]
+    if len(results.get("methods_done", methods)) < len(methods):
+        note += f"; methods {', '.join(results['methods_done'])} of {', '.join(methods)}"
+    return note + "."
 
 
 def results_table(results: dict[str, Any]) -> Table:
@@ -366,9 +375,9 @@ def results_table(results: dict[str, Any]) -> Table:
         return f"{100 * mean:.1f}%" + (f" ± {100 * std:.1f}" if std is not None else "")
 
     for label, model, row in fixed_rows(results):
-        table.add_row(f"{label} ({model})", "-", f"{100 * row['success_rate']:.1f}%", "-", *(["-"] if with_best else []))
+        table.add_row(escape(f"{label} ({model})"), "-", f"{100 * row['success_rate']:.1f}%", "-", *(["-"] if with_best else []))
     for method, row in results["methods"].items():
-        cells = [method, str(row["seeds"]), rate(row["success_mean"], row["success_std"]),
+        cells = [escape(method), str(row["seeds"]), rate(row["success_mean"], row["success_std"]),
                  ", ".join(f"{100 * r:.0f}%" for r in row["per_seed"])]
         if with_best:
             cells.append(rate(row["best_mean"], row["best_std"]))

@@ -119,7 +119,10 @@ def load_model_config(settings: ModelSettings) -> PretrainedConfig:
     if not Path(name).expanduser().is_dir() and name.lower() == EMBEDDED_MODEL:
         if (_embedded_cache_dir() / "config.json").is_file():
             return AutoConfig.from_pretrained(_embedded_cache_dir())
-        return AutoConfig.from_pretrained(_embedded_package_dir(), gguf_file=_EMBEDDED_GGUF)
+        package_dir = _embedded_package_dir()
+        if importlib.util.find_spec("gguf") is None:
+            raise ModelLoadError(f"Reading the embedded model needs the 'gguf' package: {_EMBEDDED_INSTALL}")
+        return AutoConfig.from_pretrained(package_dir, gguf_file=_EMBEDDED_GGUF)
     try:
         return AutoConfig.from_pretrained(resolve_model_path(name))
     except (OSError, ValueError) as err:
