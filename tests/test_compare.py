@@ -138,15 +138,18 @@ def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(compari
     assert (root / "out" / "results.md").read_text() == results_markdown(final)
     table = results_markdown(results).splitlines()
     sdar = results["methods"]["sdar"]
-    assert table[0].count("|") == table[1].count("|") == table[2].count("|") == table[6].count("|") == 9
+    assert table[0].count("|") == table[1].count("|") == table[2].count("|") == table[6].count("|") == 10
     assert "best checkpoint" in table[0]  # the fixture's spec asks for best checkpoints
+    # each seed's best checkpoint with its step, in seed order
+    sdar_best = [r["best"] for r in results["runs"] if r["method"] == "sdar"]
+    assert f"| {100 * sdar_best[0]['success_rate']:.0f}% (1), {100 * sdar_best[1]['success_rate']:.0f}% (1) |" in table[6]
     reference_result = results["references"]["flipped head"]
     reference = root / "reference-model"
     assert reference_result["model"] == str(reference) and reference_result["episodes"] == 4
-    assert table[2] == f"| flipped head (`{reference}`) | - | {100 * reference_result['success_rate']:.1f}% | - | - | - | - | - |"
+    assert table[2] == f"| flipped head (`{reference}`) | - | {100 * reference_result['success_rate']:.1f}% | - | - | - | - | - | - |"
     assert results["baseline"]["model"] == str(tiny_model_dir)
     assert results["references"]["same as start"] == results["baseline"]
-    assert table[4] == f"| before RL (`{tiny_model_dir}`) | - | {100 * results['baseline']['success_rate']:.1f}% | - | - | - | - | - |"
+    assert table[4] == f"| before RL (`{tiny_model_dir}`) | - | {100 * results['baseline']['success_rate']:.1f}% | - | - | - | - | - | - |"
     assert table[6].startswith(f"| sdar | 2 | {100 * sdar['success_mean']:.1f}% ± {100 * sdar['success_std']:.1f} | ")
     assert f"| {100 * sdar['best_mean']:.1f}% ± {100 * sdar['best_std']:.1f} |" in table[6]
     assert table[6].endswith(f" | {sdar['teacher']['gate_mean']:.3f} | {sdar['teacher']['gate_active_ratio']:.2f} | "

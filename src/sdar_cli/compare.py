@@ -396,17 +396,21 @@ def results_markdown(results: dict[str, Any]) -> str:
 
     evaluation = results["evaluation"]
     with_best = results["spec"].get("best", False)
-    best_header, best_rule = (" best checkpoint, mean ± std |", "---|") if with_best else ("", "")
+    best_header, best_rule = (" best checkpoint, mean ± std | best per seed (checkpoint) |", "---|---|") if with_best else ("", "")
     lines = [
         f"| method | seeds | held-out success, mean ± std | per seed |{best_header} gate mean | gate active | teacher gap |",
         f"|---|---|---|---|{best_rule}---|---|---|",
     ]
     for label, model, row in fixed_rows(results):
-        lines.append(f"| {label} (`{model}`) | - | {rate(row['success_rate'], None)} | - |" + (" - |" if with_best else "")
+        lines.append(f"| {label} (`{model}`) | - | {rate(row['success_rate'], None)} | - |" + (" - | - |" if with_best else "")
                      + " - | - | - |")
     for method, row in results["methods"].items():
         teacher = row.get("teacher") or {}
-        best = f" {rate(row['best_mean'], row['best_std'])} |" if with_best else ""
+        best = ""
+        if with_best:
+            per_seed = [run["best"] for run in results["runs"] if run["method"] == method]
+            best = (f" {rate(row['best_mean'], row['best_std'])} | "
+                    + ", ".join(f"{100 * b['success_rate']:.0f}% ({b['step']})" for b in per_seed) + " |")
         lines.append(
             f"| {method} | {row['seeds']} | {rate(row['success_mean'], row['success_std'])} | "
             + ", ".join(f"{100 * r:.0f}%" for r in row["per_seed"])
@@ -446,7 +450,8 @@ def curve_bands(results: dict[str, Any], key: str = "success_rate") -> dict[str,
 def plot_curves(results: dict[str, Any], path: Path) -> None:
     """Left: training success per step, mean over seeds with a min-max band, one line per method (drawn
     slightly apart, so methods with equal values stay visible). Right: held-out success of every seed's
-    final checkpoint, the mean and std over seeds, and the models before RL and any references."""
+    final checkpoint, the mean and std over seeds, each seed's best checkpoint (hollow) when evaluated, and the
+    models before RL and any references."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -471,6 +476,10 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
         held_out.scatter(spread, row["per_seed"], color=line.get_color(), alpha=0.5, s=18)
         held_out.errorbar([index], [row["success_mean"]], yerr=[[row["success_std"] or 0.0]] * 2,
                           color=line.get_color(), marker=markers[index % len(markers)], markersize=8, capsize=4)
+        if "best_per_seed" in row:  # each seed's best checkpoint: hollow, right of the final ones
+            held_out.scatter([x + 0.3 for x in spread], row["best_per_seed"], facecolors="none",
+                             edgecolors=line.get_color(), marker=markers[index % len(markers)], s=22,
+                             label="best checkpoint, per seed" if index == 0 else None)
     # thin grey lines with their own dash patterns, unlike any method's line
     dashes = [(0, (6, 2, 1, 2)), (0, (1, 3)), (0, (8, 4)), (0, (3, 1, 1, 1, 1, 1))]
     for number, (label, _, row) in enumerate(reversed(fixed_rows(results))):
@@ -485,7 +494,9 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
     axis.grid(alpha=0.3)
     held_out.set_title(f"held-out ({results['evaluation']['episodes']} episodes)", fontsize=9)
     held_out.set_xticks(range(len(methods)), methods, rotation=30, fontsize=8)
-    held_out.set_xlim(-0.6, len(methods) - 0.4)
+    held_out.set_xlim(-0.6, len(methods) - 0.2)
+    if held_out.get_legend_handles_labels()[0]:
+        held_out.legend(loc="lower right", fontsize=7)
     held_out.grid(alpha=0.3, axis="y")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
