@@ -363,6 +363,11 @@ def partial_note(results: dict[str, Any]) -> str | None:
     return note + "."
 
 
+def rate(mean: float, std: float | None) -> str:
+    """A success rate as a percentage, with its std over seeds when there is one."""
+    return f"{100 * mean:.1f}%" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
 def results_table(results: dict[str, Any]) -> Table:
     table = Table(title=f"held-out success ({results['evaluation']['episodes']} episodes per agent)",
                   caption=partial_note(results))
@@ -370,9 +375,6 @@ def results_table(results: dict[str, Any]) -> Table:
     columns = ["method", "seeds", "success mean ± std", "per seed"] + (["best ckpt mean ± std"] if with_best else [])
     for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right")
-
-    def rate(mean: float, std: float | None) -> str:
-        return f"{100 * mean:.1f}%" + (f" ± {100 * std:.1f}" if std is not None else "")
 
     for label, model, row in fixed_rows(results):
         table.add_row(escape(f"{label} ({model})"), "-", f"{100 * row['success_rate']:.1f}%", "-", *(["-"] if with_best else []))
@@ -387,9 +389,6 @@ def results_table(results: dict[str, Any]) -> Table:
 
 def results_markdown(results: dict[str, Any]) -> str:
     """The results as a markdown table (for a README), with the settings and compute beneath it."""
-
-    def rate(mean: float, std: float | None) -> str:
-        return f"{100 * mean:.1f}%" + (f" ± {100 * std:.1f}" if std is not None else "")
 
     def number(value: float | None, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
