@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import EnvironmentConfigError
+from .retry import with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -275,16 +276,13 @@ class HTTPRetriever(Retriever):
 
     def search_many(self, queries: list[str], topk: int) -> list[list[Passage]]:
         """One request for several queries (the server batches them on its GPU)."""
-        last_error: RetrievalError | None = None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                return self._post(queries, topk)
-            except RetrievalError as err:
-                last_error = err
-                logger.warning("retrieval request %d/%d to %s failed: %s", attempt + 1, self.retries + 1, self.url, err)
-        raise RetrievalError(f"retrieval server at {self.url} failed {self.retries + 1} time(s): {last_error}")
+        def warn(attempt: int, err: BaseException) -> None:
+            logger.warning("retrieval request %d/%d to %s failed: %s", attempt + 1, self.retries + 1, self.url, err)
+
+        try:
+            return with_retries(lambda: self._post(queries, topk), self.retries, self.backoff, (RetrievalError,), warn)
+        except RetrievalError as err:
+            raise RetrievalError(f"retrieval server at {self.url} failed {self.retries + 1} time(s): {err}") from None
 
     def _post(self, queries: list[str], topk: int) -> list[list[Passage]]:
         payload = json.dumps({"queries": queries, "topk": topk, "return_scores": True}).encode()

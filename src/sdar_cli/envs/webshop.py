@@ -34,6 +34,7 @@ from html.parser import HTMLParser
 from typing import Any, ClassVar
 
 from .base import Environment, EnvironmentConfigError, Observation, Task
+from .retry import with_retries
 
 WIN_REWARD = 10.0
 #: the admissible-action entry that stands for any search; step() accepts every search[...] action
@@ -358,10 +359,8 @@ def _fetch(method: str, url: str, form: dict[str, str] | None, timeout: float, r
     """
     url = urllib.parse.quote(url, safe=_SAFE_URL_CHARS)
     data = urllib.parse.urlencode(form).encode() if form is not None else (b"" if method == "post" else None)
-    last_error = ""
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(backoff * 2 ** (attempt - 1))
+
+    def once() -> tuple[str, str]:
         request = urllib.request.Request(url, data=data, method=method.upper())
         try:
             with _OPENER.open(request, timeout=timeout) as response:
@@ -371,13 +370,21 @@ def _fetch(method: str, url: str, form: dict[str, str] | None, timeout: float, r
         except urllib.error.HTTPError as err:
             if err.code not in _RETRY_STATUS:
                 raise WebShopServerError(f"{method.upper()} {url} answered HTTP {err.code} {err.reason}") from None
-            last_error = f"HTTP {err.code} {err.reason}"
+            raise _TransientFailure(f"HTTP {err.code} {err.reason}") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
             reason = getattr(err, "reason", err)
-            last_error = "no answer within the timeout" if isinstance(reason, TimeoutError) else str(reason)
-    raise WebShopServerError(
-        f"{method.upper()} {url} failed after {retries + 1} attempt(s) with a {timeout:g} s timeout each: {last_error}"
-    )
+            raise _TransientFailure("no answer within the timeout" if isinstance(reason, TimeoutError) else str(reason)) from None
+
+    try:
+        return with_retries(once, retries, backoff, (_TransientFailure,))
+    except _TransientFailure as err:
+        raise WebShopServerError(
+            f"{method.upper()} {url} failed after {retries + 1} attempt(s) with a {timeout:g} s timeout each: {err}"
+        ) from None
+
+
+class _TransientFailure(Exception):
+    """A failed request worth trying again (connection error, timeout, HTTP 502/503/504)."""
 
 
 def _read_within(response: http.client.HTTPResponse, deadline: float) -> bytes:
