@@ -51,7 +51,7 @@ from typing import Any, ClassVar
 
 from ..prompts import DEFAULT_PROMPT_TEMPLATE
 from .alfworld_gen import ALFRED_TASK_TYPES, SPLITS, GenerateSpec, generate_dataset
-from .base import Environment, EnvironmentConfigError, Observation, Task, require_module
+from .base import TEXT_GAME_ROLLOUT_DEFAULTS, Environment, EnvironmentConfigError, Observation, Task, require_module
 
 #: ALFWorld task type (the prefix of a game's task folder) -> Task.task_type (names the skill file)
 TASK_TYPES: dict[str, str] = dict(zip(ALFRED_TASK_TYPES, (
@@ -537,15 +537,7 @@ class ALFWorldEnv(Environment):
     """
 
     max_turns: int = 50
-    rollout_defaults: ClassVar[dict[str, Any]] = {
-        "history_turns": 2,
-        "max_new_tokens": 512,
-        "max_prompt_tokens": 2048,
-        "invalid_action_penalty": 0.1,
-        "action_pattern": r"<action>(.*?)</action>",
-        "stop_strings": ["</action>"],
-        "prompt_template": PROMPT_TEMPLATE,
-    }
+    rollout_defaults: ClassVar[dict[str, Any]] = {**TEXT_GAME_ROLLOUT_DEFAULTS, "prompt_template": PROMPT_TEMPLATE}
     skill_bank: ClassVar[str | None] = "alfworld"
 
     def __init__(self, data_path: str | None = None, generate: dict | None = None, cache_dir: str | None = None,

@@ -50,6 +50,41 @@ def require_module(module: str, extra: str, purpose: str) -> ModuleType:
         ) from None
 
 
+#: the rollout settings of the official verl-agent text games (ALFWorld; TextWorld plays the same way)
+TEXT_GAME_ROLLOUT_DEFAULTS: dict[str, Any] = {
+    "history_turns": 2,
+    "max_new_tokens": 512,
+    "max_prompt_tokens": 2048,
+    "invalid_action_penalty": 0.1,
+    "action_pattern": r"<action>(.*?)</action>",
+    "stop_strings": ["</action>"],
+}
+
+
+def numbered_task_ids(split: str, counts: dict[str, int]) -> list[str]:
+    """Ids 'split-00000' .. of a split with `counts[split]` tasks; an unknown split is a ValueError."""
+    _check_split(split, counts)
+    return [f"{split}-{i:05d}" for i in range(counts[split])]
+
+
+def parse_numbered_task_id(task_id: str, counts: dict[str, int]) -> tuple[str, int]:
+    """(split, index) of an id from `numbered_task_ids`; anything else is a ValueError saying what is valid."""
+    if not isinstance(task_id, str):
+        raise ValueError(f"task id must be a string like 'train-00017', got {task_id!r}")
+    split, _, index = task_id.rpartition("-")
+    _check_split(split, counts)
+    if (not (index.isascii() and index.isdigit()) or int(index) >= counts[split]
+            or task_id != f"{split}-{int(index):05d}"):
+        raise ValueError(f"unknown task id {task_id!r}; {split} ids run {split}-00000 .. "
+                         f"{split}-{counts[split] - 1:05d}")
+    return split, int(index)
+
+
+def _check_split(split: str, counts: dict[str, int]) -> None:
+    if split not in counts:
+        raise ValueError(f"unknown split {split!r}; valid splits are {', '.join(counts)}")
+
+
 @dataclass(frozen=True)
 class Task:
     """One task instance: what the agent is asked to do.

@@ -27,7 +27,7 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .base import Environment, Observation, Task
+from .base import Environment, Observation, Task, numbered_task_ids, parse_numbered_task_id
 
 # --------------------------------------------------------------------------------------------
 # The catalogue: what can exist in a house. Plain data, read by the generator below.
@@ -695,22 +695,11 @@ class HouseholdEnv(Environment):
     # -- task ids --------------------------------------------------------------------------
 
     def task_ids(self, split: str) -> list[str]:
-        self._check_split(split)
-        return [f"{split}-{i:05d}" for i in range(self.num_tasks[split])]
-
-    def _check_split(self, split: str) -> None:
-        if split not in self.num_tasks:
-            raise ValueError(f"unknown split {split!r}; valid splits are {', '.join(SPLITS)}")
+        return numbered_task_ids(split, self.num_tasks)
 
     def _world_of(self, task_id: str) -> _World:
-        if not isinstance(task_id, str):
-            raise ValueError(f"task id must be a string like 'train-00017', got {task_id!r}")
-        split, _, index = task_id.rpartition("-")
-        self._check_split(split)
-        if not (index.isascii() and index.isdigit()) or int(index) >= self.num_tasks[split] or task_id != f"{split}-{int(index):05d}":
-            raise ValueError(f"unknown task id {task_id!r}; {split} ids run {split}-00000 .. "
-                             f"{split}-{self.num_tasks[split] - 1:05d}")
-        return _generate(self.seed, split, int(index), self.difficulty, self.task_types)
+        split, index = parse_numbered_task_id(task_id, self.num_tasks)
+        return _generate(self.seed, split, index, self.difficulty, self.task_types)
 
     def task_signature(self, task_id: str) -> str:
         """A canonical text of the task's world and goal: equal signatures mean equal tasks."""

@@ -47,14 +47,22 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .base import Environment, EnvironmentConfigError, Observation, Task, require_module
+from .base import (
+    TEXT_GAME_ROLLOUT_DEFAULTS,
+    Environment,
+    EnvironmentConfigError,
+    Observation,
+    Task,
+    numbered_task_ids,
+    parse_numbered_task_id,
+    require_module,
+)
 
 # Jericho warns that TextWorld's games are "not fully supported" (its own score/move detection); TextWorld tracks
 # score, wins and losses itself, so the warning says nothing about these games.
 warnings.filterwarnings("ignore", message=r"Game '.*' is not fully supported", module="jericho")
 
 GAME_KINDS: tuple[str, ...] = ("quest", "cooking")
-SPLITS: tuple[str, ...] = ("train", "test")
 OBJECTIVE_STYLES: tuple[str, ...] = ("brief", "detailed")
 COOKING_WORLD_SIZES: tuple[int, ...] = (1, 6, 9, 12)  # the room counts the cooking challenge supports
 COOKING_SKILLS: tuple[str, ...] = ("open", "cook", "cut")
@@ -342,14 +350,7 @@ class TextWorldEnv(Environment):
     """
 
     max_turns: int = 30
-    rollout_defaults: ClassVar[dict[str, Any]] = {
-        "history_turns": 2,
-        "max_new_tokens": 512,
-        "max_prompt_tokens": 2048,
-        "invalid_action_penalty": 0.1,
-        "action_pattern": r"<action>(.*?)</action>",
-        "stop_strings": ["</action>"],
-    }
+    rollout_defaults: ClassVar[dict[str, Any]] = dict(TEXT_GAME_ROLLOUT_DEFAULTS)
     skill_bank: ClassVar[str | None] = "textworld"
 
     def __init__(self, game_kind: str = "quest", quest_length: int = 5, world_size: int | None = None,
@@ -398,23 +399,10 @@ class TextWorldEnv(Environment):
     # -- task ids --------------------------------------------------------------------------
 
     def task_ids(self, split: str) -> list[str]:
-        self._check_split(split)
-        return [f"{split}-{i:05d}" for i in range(self.num_tasks[split])]
-
-    def _check_split(self, split: str) -> None:
-        if split not in self.num_tasks:
-            raise ValueError(f"unknown split {split!r}; valid splits are {', '.join(SPLITS)}")
+        return numbered_task_ids(split, self.num_tasks)
 
     def _parse_task_id(self, task_id: str) -> tuple[str, int]:
-        if not isinstance(task_id, str):
-            raise ValueError(f"task id must be a string like 'train-00017', got {task_id!r}")
-        split, _, index = task_id.rpartition("-")
-        self._check_split(split)
-        if (not (index.isascii() and index.isdigit()) or int(index) >= self.num_tasks[split]
-                or task_id != f"{split}-{int(index):05d}"):
-            raise ValueError(f"unknown task id {task_id!r}; {split} ids run {split}-00000 .. "
-                             f"{split}-{self.num_tasks[split] - 1:05d}")
-        return split, int(index)
+        return parse_numbered_task_id(task_id, self.num_tasks)
 
     def game_path(self, task_id: str) -> Path:
         """The compiled game file of a task (generated and compiled now if the cache lacks it)."""
