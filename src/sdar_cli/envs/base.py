@@ -61,6 +61,16 @@ TEXT_GAME_ROLLOUT_DEFAULTS: dict[str, Any] = {
 }
 
 
+def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    """An integer environment argument within [low, high] (no bound when high is None); else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return value
+
+
 def numbered_task_ids(split: str, counts: dict[str, int]) -> list[str]:
     """Ids 'split-00000' .. of a split with `counts[split]` tasks; an unknown split is a ValueError."""
     _check_split(split, counts)

@@ -27,7 +27,7 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .base import Environment, Observation, Task, numbered_task_ids, parse_numbered_task_id
+from .base import Environment, Observation, Task, check_int, numbered_task_ids, parse_numbered_task_id
 
 # --------------------------------------------------------------------------------------------
 # The catalogue: what can exist in a house. Plain data, read by the generator below.
@@ -655,15 +655,6 @@ def _check_task_types(task_types: object) -> tuple[str, ...]:
     return tuple(dict.fromkeys(task_types))
 
 
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise ValueError(f"{name} must be {bounds}, got {value}")
-    return value
-
-
 class HouseholdEnv(Environment):
     """Seeded household tasks: move (clean/heated) objects between receptacles across rooms.
 
@@ -680,11 +671,11 @@ class HouseholdEnv(Environment):
     def __init__(self, num_train_tasks: int = 1000, num_test_tasks: int = 200, difficulty: int = 1,
                  seed: int = 0, task_types: list[str] | None = None) -> None:
         self.num_tasks = {
-            "train": _check_int("num_train_tasks", num_train_tasks, 1),
-            "test": _check_int("num_test_tasks", num_test_tasks, 0),
+            "train": check_int("num_train_tasks", num_train_tasks, 1),
+            "test": check_int("num_test_tasks", num_test_tasks, 0),
         }
-        self.difficulty = _check_int("difficulty", difficulty, 1, max(SCALES))
-        self.seed = _check_int("seed", seed, -(2**63))
+        self.difficulty = check_int("difficulty", difficulty, 1, max(SCALES))
+        self.seed = check_int("seed", seed, -(2**63))
         self.task_types = _check_task_types(task_types)
         self._world: _World | None = None
         self._state: _State | None = None

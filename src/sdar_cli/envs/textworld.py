@@ -53,6 +53,7 @@ from .base import (
     EnvironmentConfigError,
     Observation,
     Task,
+    check_int,
     numbered_task_ids,
     parse_numbered_task_id,
     require_module,
@@ -273,22 +274,13 @@ def _privileged_text(plan: list[str], won: bool) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise ValueError(f"{name} must be {bounds}, got {value}")
-    return value
-
-
 def _game_spec(game_kind: str, quest_length: int, world_size: int | None, num_objects: int | None,
                objective_style: str | None, recipe_size: int | None,
                cooking_skills: list[str] | tuple[str, ...] | None) -> GameSpec:
     """The validated spec; a parameter of the other kind is an error rather than silently ignored."""
     if game_kind not in GAME_KINDS:
         raise ValueError(f"game_kind must be one of {', '.join(GAME_KINDS)}, got {game_kind!r}")
-    quest_length = _check_int("quest_length", quest_length, 1, MAX_QUEST_LENGTH)
+    quest_length = check_int("quest_length", quest_length, 1, MAX_QUEST_LENGTH)
     if game_kind == "quest":
         for name, value in (("recipe_size", recipe_size), ("cooking_skills", cooking_skills)):
             if value is not None:
@@ -299,8 +291,8 @@ def _game_spec(game_kind: str, quest_length: int, world_size: int | None, num_ob
         return GameSpec(
             kind="quest",
             quest_length=quest_length,
-            world_size=_check_int("world_size", 3 if world_size is None else world_size, 1, 20),
-            num_objects=_check_int("num_objects", 6 if num_objects is None else num_objects, 0, 60),
+            world_size=check_int("world_size", 3 if world_size is None else world_size, 1, 20),
+            num_objects=check_int("num_objects", 6 if num_objects is None else num_objects, 0, 60),
             objective_style=style,
             recipe_size=None,
             cooking_skills=None,
@@ -309,7 +301,7 @@ def _game_spec(game_kind: str, quest_length: int, world_size: int | None, num_ob
         if value is not None:
             raise ValueError(f"{name} applies to game_kind 'quest' only (cooking games place their own objects "
                              "and state a fixed objective); remove it")
-    rooms = _check_int("world_size", 1 if world_size is None else world_size, 1)
+    rooms = check_int("world_size", 1 if world_size is None else world_size, 1)
     if rooms not in COOKING_WORLD_SIZES:
         raise ValueError(f"world_size of a cooking game must be one of {COOKING_WORLD_SIZES}, got {rooms!r}")
     skills = COOKING_SKILLS if cooking_skills is None else cooking_skills
@@ -321,7 +313,7 @@ def _game_spec(game_kind: str, quest_length: int, world_size: int | None, num_ob
         world_size=rooms,
         num_objects=None,
         objective_style=None,
-        recipe_size=_check_int("recipe_size", 1 if recipe_size is None else recipe_size, 1, 5),
+        recipe_size=check_int("recipe_size", 1 if recipe_size is None else recipe_size, 1, 5),
         cooking_skills=tuple(s for s in COOKING_SKILLS if s in skills),
     )
 
@@ -360,10 +352,10 @@ class TextWorldEnv(Environment):
         self.spec = _game_spec(game_kind, quest_length, world_size, num_objects, objective_style, recipe_size,
                                cooking_skills)
         self.num_tasks = {
-            "train": _check_int("num_train_tasks", num_train_tasks, 1),
-            "test": _check_int("num_test_tasks", num_test_tasks, 0),
+            "train": check_int("num_train_tasks", num_train_tasks, 1),
+            "test": check_int("num_test_tasks", num_test_tasks, 0),
         }
-        self.seed = _check_int("seed", seed, -(2**63))
+        self.seed = check_int("seed", seed, -(2**63))
         expected_plan = (self.spec.quest_length if self.spec.kind == "quest"
                          else 4 * (self.spec.recipe_size or 1) + self.spec.world_size + 2)
         self.max_turns = max(30, 4 * expected_plan)
