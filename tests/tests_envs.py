@@ -46,3 +46,27 @@ class MissingEngineEnv(HouseholdEnv):
 
         require_module("sdar_no_such_engine", "alfworld", "The test environment")
         super().__init__(**kwargs)
+
+
+class ShortEpisodesEnv(HouseholdEnv):
+    """Episodes end after a number of turns set by the task id (1, 2 or 3; won when even), whatever the
+    agent says (any response is its action): the episodes of one step end at different turns, so several
+    processes hold different numbers of turn-samples."""
+
+    rollout_defaults = {"action_pattern": r"(?s)^(.*)$"}
+
+    def reset(self, task_id):
+        self._task_number = int(task_id.split("-")[1])
+        self._turns_left = self._task_number % 3 + 1
+        task, observation = super().reset(task_id)
+        observation.admissible_actions = []
+        return task, observation
+
+    def step(self, action):
+        observation = super().step(action)
+        observation.admissible_actions = []
+        self._turns_left -= 1
+        if self._turns_left <= 0 and not observation.done:
+            won = self._task_number % 2 == 0
+            observation.done, observation.won, observation.reward = True, won, 10.0 if won else 0.0
+        return observation

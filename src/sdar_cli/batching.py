@@ -44,8 +44,10 @@ def collate_turn_samples(
     pad_id: int,
     multiple_of: int,
     with_teacher: bool,
+    min_rows: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Pad the samples into one batch whose row count is a multiple of `multiple_of`.
+    """Pad the samples into one batch of at least `min_rows` rows, their count a multiple of `multiple_of`
+    (several processes pad to the same count, so their micro-batches and TRL's gathers match).
 
     Keys: prompt_ids/mask (left-padded), completion_ids/mask (right-padded; the ids are exactly the
     sampled `response_ids`), advantages [B], sample_index [B] (-1 on padding rows), and the scalars
@@ -54,7 +56,8 @@ def collate_turn_samples(
     """
     if not samples:
         raise ValueError("cannot build a batch from zero turn-samples")
-    padding_rows = (-len(samples)) % multiple_of
+    target = max(len(samples), min_rows)
+    padding_rows = target - len(samples) + (-target) % multiple_of
     rows = list(samples) + [samples[0]] * padding_rows
     prompt_ids, prompt_mask = left_pad([s.prompt_ids for s in rows], pad_id)
     completion_ids, completion_mask = right_pad([s.response_ids for s in rows], pad_id)

@@ -452,7 +452,7 @@ def measure(bench: BenchConfig, algorithm: str, model_dir: Path, run_dir: Path) 
             phase_peaks.mark("generation")
             samples, episodes = [], []
             for offset, (row, group) in enumerate(zip(chosen, groups)):
-                episode = self._episodes_played + offset
+                episode = self._first_episode + offset
                 samples.append(
                     TurnSample(
                         row["task_id"], "synthetic", group, episode, 0, row["prompt_ids"], row["teacher_prompt_ids"],

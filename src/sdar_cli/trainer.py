@@ -33,6 +33,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
+from . import distributed
 from .batching import collate_turn_samples
 from .config import RunConfig
 from .cpu_scoring import score_only_labelled_positions_on_cpu
@@ -65,9 +66,13 @@ def environment_reward(**_: Any) -> list[float]:
 
 
 def grpo_args(config: RunConfig, run_dir: Path, use_cpu: bool, bf16: bool) -> GRPOConfig:
-    """Translate the run config into TRL's GRPOConfig (one optimizer update per rollout batch)."""
+    """Translate the run config into TRL's GRPOConfig (one optimizer update per rollout batch).
+
+    Under several processes TRL's generation batch is per_device_train_batch_size x steps_per_generation
+    x processes, so each process takes its share: the step still plays tasks_per_step x group_size episodes.
+    """
     rollout, algorithm, train = config.rollout, config.algorithm, config.train
-    episodes_per_step = rollout.tasks_per_step * rollout.group_size
+    episodes_per_step = rollout.tasks_per_step * rollout.group_size // distributed.world_size()
     return GRPOConfig(
         output_dir=str(run_dir),
         seed=train.seed,
@@ -149,14 +154,18 @@ class SDARTrainer(GRPOTrainer):
         self._step_samples: list[TurnSample] = []
         self._step_advantages: torch.Tensor | None = None
         self._gate_records: dict[int, dict[str, list[float]]] = {}
+        #: episodes played by all processes together (global ids: rank r's follow those of ranks < r)
         self._episodes_played = 0
+        self._first_episode = 0
 
     # ----------------------------------------------------------------------------------- rollout
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         generation_started = time.perf_counter()
         task_ids = [row["prompt"] for row in inputs]
         group_size = self.num_generations
-        groups = [self._episodes_played // group_size + i // group_size for i in range(len(task_ids))]
+        # TRL's sampler hands rank r the r-th slice of the step's tasks (whole groups: see distributed.py)
+        self._first_episode = self._episodes_played + self.accelerator.process_index * len(task_ids)
+        groups = [(self._first_episode + i) // group_size for i in range(len(task_ids))]
         model = self.accelerator.unwrap_model(self.model)
 
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
@@ -167,7 +176,7 @@ class SDARTrainer(GRPOTrainer):
             finally:
                 model.train(was_training)
         generation_seconds = self._seconds_since(generation_started)
-        self._episodes_played += len(task_ids)
+        self._episodes_played += len(task_ids) * self.accelerator.num_processes
         self._check_env_errors(episodes)
 
         rewards = torch.tensor([s.reward for s in samples])
@@ -184,9 +193,18 @@ class SDARTrainer(GRPOTrainer):
             )
         policy_advantages = advantages if self.rl_term else torch.zeros_like(advantages)
 
+        # every process needs the same row count (and so micro-batch size), or TRL's gathers in the loss
+        # mismatch: pad to the largest count over the processes
+        multiple = self.args.steps_per_generation
+        rows = int(distributed.max_over_ranks([len(samples) + (-len(samples)) % multiple])[0])
         batch = collate_turn_samples(
-            samples, policy_advantages, self.processing_class.pad_token_id, self.args.steps_per_generation, self.with_teacher
+            samples, policy_advantages, self.processing_class.pad_token_id, multiple, self.with_teacher, min_rows=rows
         )
+        # the normalisers count every process's tokens and samples, as TRL gathers num_items_in_batch: the
+        # loss divides by them / num_processes and DDP averages the gradients, so they equal one process's
+        items, samples_in_batch = distributed.sum_over_ranks([batch["num_items_in_batch"], batch["num_samples_in_batch"]])
+        batch["num_items_in_batch"] = torch.tensor(int(items))
+        batch["num_samples_in_batch"] = torch.tensor(int(samples_in_batch))
         device = self.accelerator.device
         batch = {key: value.to(device) for key, value in batch.items()}
         completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
@@ -237,7 +255,7 @@ class SDARTrainer(GRPOTrainer):
             policy,
             self.renderer,
             self.max_turns,
-            self._episodes_played,
+            self._first_episode,
             env_workers=self.config.env.workers,
         )
 
@@ -248,11 +266,14 @@ class SDARTrainer(GRPOTrainer):
         return time.perf_counter() - started
 
     def _check_env_errors(self, episodes: list[EpisodeResult]) -> None:
+        """Abort when most of the step's episodes (over all processes: every rank decides the same) failed."""
         failed = [e for e in episodes if e.env_error]
-        if len(failed) * 2 > len(episodes):
+        failed_count, total = (int(n) for n in distributed.sum_over_ranks([len(failed), len(episodes)]))
+        if failed_count * 2 > total:
+            example = next(e for e in distributed.gather_to_all(failed[0] if failed else None) if e is not None)
             raise TrainingAborted(
-                f"{len(failed)} of {len(episodes)} episodes failed inside the environment, e.g. task "
-                f"{failed[0].task_id}: {failed[0].env_error}. Fix the environment (env.name / env.kwargs) and resume."
+                f"{failed_count} of {total} episodes failed inside the environment, e.g. task "
+                f"{example.task_id}: {example.env_error}. Fix the environment (env.name / env.kwargs) and resume."
             )
 
     def _log_rollout_metrics(
@@ -264,20 +285,31 @@ class SDARTrainer(GRPOTrainer):
         teacher_seconds: float,
     ) -> None:
         metrics = self._metrics["train"]
-        metrics["reward_mean"].append(sum(e.outcome_reward for e in episodes) / len(episodes))
-        metrics["success_rate"].append(sum(e.won for e in episodes) / len(episodes))
-        metrics["episode_turns_mean"].append(sum(e.turns for e in episodes) / len(episodes))
-        metrics["invalid_action_rate"].append(sum(not s.valid for s in samples) / max(1, len(samples)))
-        metrics["env_error_rate"].append(sum(bool(e.env_error) for e in episodes) / len(episodes))
-        metrics["truncated_response_rate"].append(sum(s.truncated for s in samples) / max(1, len(samples)))
-        metrics["turn_samples"].append(float(len(samples)))
-        metrics["response_tokens"].append(float(sum(len(s.response_ids) for s in samples)))
-        metrics["prompt_tokens"].append(float(sum(len(s.prompt_ids) for s in samples)))
+        # sums and counts over all processes (the step's episodes are split among them); seconds: the slowest
+        (reward, won, turns, episode_count, env_errors, invalid, truncated, sample_count, response_tokens,
+         prompt_tokens, truncated_prompts) = distributed.sum_over_ranks([
+            sum(e.outcome_reward for e in episodes), sum(e.won for e in episodes), sum(e.turns for e in episodes),
+            len(episodes), sum(bool(e.env_error) for e in episodes), sum(not s.valid for s in samples),
+            sum(s.truncated for s in samples), len(samples), sum(len(s.response_ids) for s in samples),
+            sum(len(s.prompt_ids) for s in samples), self.renderer.truncated_prompts,
+        ])
+        generation_seconds, reference_seconds, teacher_seconds = distributed.max_over_ranks(
+            [generation_seconds, reference_seconds, teacher_seconds]
+        )
+        metrics["reward_mean"].append(reward / episode_count)
+        metrics["success_rate"].append(won / episode_count)
+        metrics["episode_turns_mean"].append(turns / episode_count)
+        metrics["invalid_action_rate"].append(invalid / max(1, sample_count))
+        metrics["env_error_rate"].append(env_errors / episode_count)
+        metrics["truncated_response_rate"].append(truncated / max(1, sample_count))
+        metrics["turn_samples"].append(sample_count)
+        metrics["response_tokens"].append(response_tokens)
+        metrics["prompt_tokens"].append(prompt_tokens)
         metrics["generation_seconds"].append(generation_seconds)
         metrics["reference_pass_seconds"].append(reference_seconds)
         metrics["teacher_pass_seconds"].append(teacher_seconds)
         metrics["logprob_pass_seconds"].append(reference_seconds + teacher_seconds)
-        metrics["truncated_prompts"].append(float(self.renderer.truncated_prompts))
+        metrics["truncated_prompts"].append(truncated_prompts)
 
     # -------------------------------------------------------------------------------------- loss
     def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any):
@@ -333,59 +365,73 @@ class SDARTrainer(GRPOTrainer):
         return loss
 
     def _finish_step(self) -> None:
-        """Once per update: gate statistics, the gates file, and the non-finite counters."""
+        """Once per update: gate statistics, the gates file, and the non-finite counters.
+
+        Under several processes the non-finite decision is taken by all together (one rank's NaN skips every
+        rank's update, so the adapters stay equal), the gate statistics cover every rank's tokens, and the main
+        process writes every rank's gate records.
+        """
         metrics = self._metrics["train"]
         step = self.state.global_step + 1
+        self._nonfinite_this_step = distributed.any_rank(self._nonfinite_this_step)
         if self._nonfinite_this_step:
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
         else:
             self.nonfinite_in_a_row = 0
         metrics["nonfinite_updates_skipped"].append(float(self.nonfinite_total))
-        if self.with_teacher and self._gate_records:
-            gates = [g for record in self._gate_records.values() for g in record["gate"]]
-            gaps = [
-                t - s
-                for record in self._gate_records.values()
-                for t, s in zip(record["teacher_logp"], record["student_logp"])
-            ]
-            metrics["gate_mean"].append(sum(gates) / len(gates))
-            metrics["gate_active_ratio"].append(sum(g > 0.5 for g in gates) / len(gates))
-            metrics["teacher_gap_mean"].append(sum(gaps) / len(gaps))
-            if self.config.output.save_gates and self.accelerator.is_main_process:
-                self._write_gates(step)
+        if not self.with_teacher:
+            return
+        gates = [g for record in self._gate_records.values() for g in record["gate"]]
+        gaps = [
+            t - s for record in self._gate_records.values() for t, s in zip(record["teacher_logp"], record["student_logp"])
+        ]
+        gate_sum, active, gap_sum, count = distributed.sum_over_ranks(
+            [sum(gates), sum(g > 0.5 for g in gates), sum(gaps), len(gates)]
+        )
+        if count:
+            metrics["gate_mean"].append(gate_sum / count)
+            metrics["gate_active_ratio"].append(active / count)
+            metrics["teacher_gap_mean"].append(gap_sum / count)
+        if self.config.output.save_gates:
+            rows = distributed.gather_to_main(self._gate_rows(step))
+            if self.accelerator.is_main_process and count:
+                self._write_gates(step, [row for rank_rows in rows for row in rank_rows])
 
-    def _write_gates(self, step: int) -> None:
+    def _gate_rows(self, step: int) -> list[dict[str, Any]]:
+        """This process's gate records of the step, one JSON-ready row per turn-sample."""
         tokenizer = self.processing_class
+        rows = []
+        for index, sample in enumerate(self._step_samples):
+            record = self._gate_records.get(index)
+            if record is None:
+                continue
+            rows.append(
+                {
+                    "step": step,
+                    "task_id": sample.task_id,
+                    "task_type": sample.task_type,
+                    "episode": sample.episode,
+                    "turn": sample.turn,
+                    "token_ids": sample.response_ids,
+                    "tokens": [tokenizer.decode([token]) for token in sample.response_ids],
+                    **record,
+                    "mask": [1] * len(sample.response_ids),
+                    "advantage": float(self._step_advantages[index]),
+                    "reward": sample.reward,
+                    "beta": self.gate_beta,
+                    "action": sample.action,
+                    "valid": sample.valid,
+                }
+            )
+        return rows
+
+    def _write_gates(self, step: int, rows: list[dict[str, Any]]) -> None:
         self.gates_dir.mkdir(parents=True, exist_ok=True)
         path = self.gates_dir / f"step-{step}.jsonl"
         staging = path.with_suffix(".jsonl.tmp")
         with staging.open("w") as handle:
-            for index, sample in enumerate(self._step_samples):
-                record = self._gate_records.get(index)
-                if record is None:
-                    continue
-                handle.write(
-                    json.dumps(
-                        {
-                            "step": step,
-                            "task_id": sample.task_id,
-                            "task_type": sample.task_type,
-                            "episode": sample.episode,
-                            "turn": sample.turn,
-                            "token_ids": sample.response_ids,
-                            "tokens": [tokenizer.decode([token]) for token in sample.response_ids],
-                            **record,
-                            "mask": [1] * len(sample.response_ids),
-                            "advantage": float(self._step_advantages[index]),
-                            "reward": sample.reward,
-                            "beta": self.gate_beta,
-                            "action": sample.action,
-                            "valid": sample.valid,
-                        }
-                    )
-                    + "\n"
-                )
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
         os.replace(staging, path)
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -393,13 +439,24 @@ class SDARTrainer(GRPOTrainer):
         run_dir = Path(self.args.output_dir)
         name = f"checkpoint-{self.state.global_step}"
         staging_root = run_dir / f".staging-{name}"
-        shutil.rmtree(staging_root, ignore_errors=True)
+        # Several processes: every rank writes into the staging folder (the main one the adapter, optimizer
+        # and trainer state; each its rng_state_{rank}.pth), and only the main one renames it once all wrote.
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         original_output_dir = self.args.output_dir
         self.args.output_dir = str(staging_root)
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir = original_output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            self._publish_checkpoint(run_dir, staging_root, name)
+        self.accelerator.wait_for_everyone()
+
+    def _publish_checkpoint(self, run_dir: Path, staging_root: Path, name: str) -> None:
+        """Main process only: add the SDAR state to the staged checkpoint and rename it into place."""
         staged = staging_root / name
         (staged / SDAR_STATE_FILE).write_text(
             json.dumps({"episodes_played": self._episodes_played, "nonfinite_total": self.nonfinite_total})
