@@ -97,8 +97,8 @@ def tiny_config(model_dir: Path, run_dir: Path, *overrides: str):
     return load_config(None, [f"model.name={model_dir}", f"output.dir={run_dir}", *TINY_OVERRIDES, *overrides])
 
 
-def build_trainer(config, run_dir: Path, callbacks=None, model=None):
-    """An SDARTrainer on the tiny model, built the way `sdar train` builds it."""
+def build_trainer(config, run_dir: Path, callbacks=None, model=None, trainer_class=None):
+    """An SDARTrainer (or `trainer_class`, a subclass) on the tiny model, built the way `sdar train` builds it."""
     import torch
 
     from sdar_cli.envs import environment_factory
@@ -107,7 +107,7 @@ def build_trainer(config, run_dir: Path, callbacks=None, model=None):
 
     make_env = environment_factory(config.env.name, config.env.kwargs)
     model = model if model is not None else load_base_model(config.model, torch.device("cpu"))
-    trainer = SDARTrainer(
+    trainer = (trainer_class or SDARTrainer)(
         model=model,
         tokenizer=load_tokenizer(config.model),
         config=config,
