@@ -54,7 +54,7 @@ def test_two_ranks_give_the_loss_and_lora_gradient_of_one_process(tiny_model_dir
     largest = max(abs(g) for values in one["gradient"].values() for g in values)
     assert largest > 1e-3  # a real gradient, not zeros
     for name, values in one["gradient"].items():
-        assert two["gradient"][name] == pytest.approx(values, abs=1e-6 * largest / 1e-3), name
+        assert two["gradient"][name] == pytest.approx(values, abs=1e-5 * largest), name
 
 
 def _train_args(model_dir: Path, run_dir: Path, max_steps: int, *extra: str) -> list[str]:
