@@ -49,6 +49,10 @@ def test_two_ranks_give_the_loss_and_lora_gradient_of_one_process(tiny_model_dir
     assert [len(rank) for rank in two["played"]] == [4, 4]
     assert sum(e[2] for e in two["played"][0]) != sum(e[2] for e in two["played"][1])  # unequal sample counts
 
+    # a NaN loss on rank 0 alone skips the update on both ranks, so their adapters stay equal
+    assert two["nonfinite"] == [{"weights_unchanged": True, "nonfinite_total": 1}] * 2
+    assert one["nonfinite"] == [{"weights_unchanged": True, "nonfinite_total": 1}]
+
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
     assert one["gradient"].keys() == two["gradient"].keys()
     largest = max(abs(g) for values in one["gradient"].values() for g in values)
