@@ -151,3 +151,24 @@ def test_single_process_commands_refuse_several(command, monkeypatch):
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 2
     assert f"sdar {command[0]} runs in one process" in result.output and "Traceback" not in result.output
+
+
+def test_rows_are_padded_to_the_count_of_the_largest_process():
+    import torch
+
+    from sdar_cli.batching import collate_turn_samples
+    from sdar_cli.rollout import TurnSample
+
+    samples = [
+        TurnSample("t", "x", 0, 0, turn, [5, 6, 7], [9, 5, 6, 7], [8] * (turn + 1), "a", True, False, "", 1.0)
+        for turn in range(3)
+    ]
+    batch = collate_turn_samples(samples, torch.ones(3), 0, 2, True, min_rows=6)
+    assert batch["completion_ids"].shape[0] == 6
+    assert batch["sample_index"].tolist() == [0, 1, 2, -1, -1, -1]
+    assert batch["completion_mask"][3:].sum() == 0 and int(batch["num_items_in_batch"]) == 6
+    # a process whose episodes all failed: padding rows only, nothing counted, every row attends a token
+    empty = collate_turn_samples([], torch.zeros(0), 0, 2, True, min_rows=4)
+    assert empty["completion_ids"].shape[0] == 4 and empty["sample_index"].tolist() == [-1] * 4
+    assert int(empty["num_items_in_batch"]) == 0 and int(empty["num_samples_in_batch"]) == 0
+    assert bool((empty["prompt_mask"].sum(-1) > 0).all())

@@ -47,18 +47,21 @@ def collate_turn_samples(
     min_rows: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Pad the samples into one batch of at least `min_rows` rows, their count a multiple of `multiple_of`
-    (several processes pad to the same count, so their micro-batches and TRL's gathers match).
+    (several processes pad to the same count, so their micro-batches and TRL's gathers match; with
+    `min_rows`, zero samples give padding rows only).
 
     Keys: prompt_ids/mask (left-padded), completion_ids/mask (right-padded; the ids are exactly the
     sampled `response_ids`), advantages [B], sample_index [B] (-1 on padding rows), and the scalars
     num_items_in_batch (real response tokens) and num_samples_in_batch. With `with_teacher`, also
     teacher_prompt_ids/mask: the privileged prompt the teacher scores the same response under.
     """
-    if not samples:
+    if not samples and min_rows <= 0:
         raise ValueError("cannot build a batch from zero turn-samples")
     target = max(len(samples), min_rows)
     padding_rows = target - len(samples) + (-target) % multiple_of
-    rows = list(samples) + [samples[0]] * padding_rows
+    # a process whose episodes all failed in the environment still joins the step with padding rows only
+    filler = samples[0] if samples else _placeholder_row(pad_id)
+    rows = list(samples) + [filler] * padding_rows
     prompt_ids, prompt_mask = left_pad([s.prompt_ids for s in rows], pad_id)
     completion_ids, completion_mask = right_pad([s.response_ids for s in rows], pad_id)
     real = torch.zeros(len(rows), dtype=torch.bool)
@@ -77,3 +80,8 @@ def collate_turn_samples(
     if with_teacher:
         batch["teacher_prompt_ids"], batch["teacher_prompt_mask"] = left_pad([s.teacher_prompt_ids for s in rows], pad_id)
     return batch
+
+
+def _placeholder_row(pad_id: int) -> TurnSample:
+    """A one-token prompt and response (attended, so attention stays finite) for padding with no real row."""
+    return TurnSample("", "", -1, -1, 0, [pad_id], [pad_id], [pad_id], None, False, False, "")
