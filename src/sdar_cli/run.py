@@ -435,7 +435,7 @@ class InterruptWatcher(TrainerCallback):
     """First Ctrl-C or SIGTERM: finish the step, checkpoint, stop. A second Ctrl-C: stop at once.
 
     Several processes stop together: a signal to any one rank stops all after the same step. A terminal's
-    Ctrl-C reaches every rank and torchrun, which forwards it at once: a second signal within
+    Ctrl-C reaches every rank and torchrun, which forwards it at once: there, a second signal within
     SAME_INTERRUPT_SECONDS counts as the same interrupt.
     """
 
@@ -459,7 +459,7 @@ class InterruptWatcher(TrainerCallback):
 
     def _handle(self, signum, frame):
         if self.requested:
-            if time.monotonic() - self._requested_at < self.SAME_INTERRUPT_SECONDS:
+            if distributed.is_distributed() and time.monotonic() - self._requested_at < self.SAME_INTERRUPT_SECONDS:
                 return
             raise KeyboardInterrupt
         self.requested = True
