@@ -134,6 +134,14 @@ def test_two_ranks_train_stop_on_one_ranks_signal_and_resume(tiny_model_dir, tmp
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), checkpoint)
     assert not list(run_dir.glob(".staging-*")) and not list(run_dir.glob(".retired-*"))
 
+    # the main process's verdict on the run directory is every process's: both exit 2, the message printed once
+    again = subprocess.run(
+        [*LAUNCH, *_train_args(tiny_model_dir, run_dir, 2)], env=_environment(), capture_output=True, text=True, timeout=300
+    )
+    assert (again.stdout + again.stderr).count("already holds a run") == 1
+    assert "exitcode  : 2" in again.stderr and "Traceback (most recent call last)" not in again.stdout
+    assert _metrics_steps(run_dir) == steps  # nothing was changed
+
 
 def test_tasks_per_step_must_split_over_the_processes(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
