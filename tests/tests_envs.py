@@ -70,3 +70,48 @@ class ShortEpisodesEnv(HouseholdEnv):
             won = self._task_number % 2 == 0
             observation.done, observation.won, observation.reward = True, won, 10.0 if won else 0.0
         return observation
+
+
+class FaultyEnv(HouseholdEnv):
+    """Task train-00001 misbehaves as env.kwargs `fault` says, on reset ("reset_*") or on every step; the other
+    tasks play normally. Any response is an action (the pattern takes the whole text after the prefix "go "), so
+    a random model reaches `step`."""
+
+    rollout_defaults = {"action_pattern": "(.+)", "response_prefix": "go "}
+    BROKEN = {
+        "text_reward": {"reward": "high"},
+        "nan_reward": {"reward": float("nan")},
+        "inf_reward": {"reward": float("inf")},
+        "int_actions": {"admissible_actions": [1, 2]},
+        "no_text": {"text": None},
+    }
+
+    def __init__(self, fault: str = "nan_reward", **kwargs):
+        super().__init__(**kwargs)
+        self.fault = fault
+        self.task_id = None
+
+    def reset(self, task_id):
+        import time
+
+        from sdar_cli.envs.base import Observation
+
+        self.task_id = task_id
+        task, observation = super().reset(task_id)
+        if task_id == "train-00001" and self.fault == "reset_hang":
+            time.sleep(5)
+        if task_id == "train-00001" and self.fault == "reset_nan_reward":
+            return task, Observation(text=observation.text, admissible_actions=[], reward=float("nan"))
+        return task, Observation(text=observation.text, admissible_actions=[])
+
+    def step(self, action):
+        import time
+
+        from sdar_cli.envs.base import Observation
+
+        fields = {"text": f"You {action}. Nothing happens.", "admissible_actions": [], "reward": 0.0}
+        if self.task_id == "train-00001":
+            if self.fault == "step_hang":
+                time.sleep(5)
+            fields.update(self.BROKEN.get(self.fault, {}))
+        return Observation(**fields)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional
@@ -105,6 +107,16 @@ def train(
     except (ConfigError, EnvironmentConfigError, ModelLoadError, RunDirError) as err:
         err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR) from None
+    except OSError as err:
+        run_dir = escape(str(run_config.output.dir))
+        err_console.print(
+            f"[red]Error:[/red] {escape(_os_error(err))}. If this is the run directory ({run_dir}): free disk space or "
+            f"fix its permissions, or choose another --output-dir; continue with: sdar train {escape(str(config))} "
+            f"--output-dir {run_dir} --resume (the checkpoints written are whole).",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(USER_ERROR) from None
     style = "green" if outcome.exit_code == 0 else ("yellow" if outcome.exit_code == 130 else "red")
     (console if outcome.exit_code == 0 else err_console).print(f"[{style}]{escape(outcome.message)}[/{style}]", highlight=False, soft_wrap=True)
     raise typer.Exit(outcome.exit_code)
@@ -148,21 +160,86 @@ def evaluate(
     from .models import ModelLoadError
     from .targets import TargetError
 
+    if json_path is not None:
+        problem = _unwritable(json_path)
+        if problem:
+            err_console.print(f"[red]Error:[/red] --json {escape(str(json_path))}: {escape(problem)}. Pass a path in a "
+                              "writable folder (checked before playing any episode).", highlight=False, soft_wrap=True)
+            raise typer.Exit(USER_ERROR)
     cli_overrides = [*(overrides or [])]
     if episodes is not None:
         cli_overrides.append(f"eval.episodes={episodes}")
     if split is not None:
         cli_overrides.append(f"env.eval_split={split}")
     try:
-        report = evaluate_targets(targets, config, cli_overrides, console)
+        with _stop_on_interrupt("the evaluation"):
+            report = evaluate_targets(targets, config, cli_overrides, console)
     except (ConfigError, EnvironmentConfigError, ModelLoadError, TargetError, EvalError) as err:
         err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR) from None
+    except KeyboardInterrupt:
+        err_console.print("[yellow]Evaluation interrupted: no report was written.[/yellow]", highlight=False)
+        raise typer.Exit(130) from None
     print_report(console, report)
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        try:
+            json_path.write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as err:
+            err_console.print(f"[red]Error:[/red] could not write the report to {escape(str(json_path))}: "
+                              f"{escape(_os_error(err))}. The results are printed above.", highlight=False, soft_wrap=True)
+            raise typer.Exit(USER_ERROR) from None
         console.print(f"Report written to {json_path}", highlight=False)
+
+
+def _os_error(err: OSError) -> str:
+    """An OSError as one line: what failed, on which path."""
+    if err.strerror and err.filename:
+        return f"{err.strerror}: {err.filename}"
+    return str(err)
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why a file cannot be written at `path` (None: it can); its folder is created, a probe file written
+    and removed, so a full disk or a read-only folder shows now rather than after the work is done."""
+    import tempfile
+
+    if path.is_dir():
+        return "is a directory"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe") as probe:
+            probe.write(b"{}")
+            probe.flush()
+    except OSError as err:
+        return _os_error(err)
+    return None
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt(what: str):
+    """The first Ctrl-C or SIGTERM says at once what it waits for, then stops `what` (KeyboardInterrupt);
+    a second one exits at once."""
+    pressed = []
+
+    def handle(signum, frame):
+        if pressed:
+            os._exit(130)
+        pressed.append(signum)
+        err_console.print(
+            f"[yellow]{signal.Signals(signum).name} received: stopping {what} once the environment calls in progress "
+            "return (each waits at most env.step_timeout_s); press Ctrl-C again to exit at once.[/yellow]",
+            highlight=False,
+        )
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, handle)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @app.command("inspect-gates")

@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN or infinity is never a meaningful setting (an infinite learning rate trains non-finite weights)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LoraSettings(_Section):
@@ -60,6 +61,14 @@ class EnvSettings(_Section):
         ge=1,
         description="threads that reset and step the episodes' environments in parallel; engines that wait on a "
         "server gain (webshop, searchqa with a retrieval server); the engine must be thread-safe",
+    )
+    step_timeout_s: float = Field(
+        300.0,
+        gt=0.0,
+        description="seconds one environment step may take; a slower step fails its episode (env_error_rate)",
+    )
+    reset_timeout_s: float = Field(
+        600.0, gt=0.0, description="seconds one environment reset may take; a slower reset fails its episode"
     )
 
 
@@ -157,13 +166,19 @@ class TeacherSettings(_Section):
     def _has_context(cls, template: str) -> str:
         if "{context}" not in template:
             raise ValueError("must contain the placeholder {context}")
+        try:
+            template.format(context="")
+        except (KeyError, IndexError, ValueError, AttributeError) as err:
+            raise ValueError(
+                f"{{context}} is its only placeholder; write other braces doubled ({{{{ and }}}}) ({type(err).__name__}: {err})"
+            ) from None
         return template
 
 
 class TrainSettings(_Section):
     max_steps: int = Field(150, ge=1, description="rollout-and-update steps")
     save_steps: int = Field(25, ge=1, description="write a checkpoint every N steps (and at the end)")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds torch, numpy and the task order")
     learning_rate: float = Field(1e-5, gt=0.0)
     weight_decay: float = Field(0.01, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
@@ -221,7 +236,7 @@ class WarmupSettings(_Section):
         "<action>{action}</action>",
         description="the response taught for an expert action; rollout.response_prefix is taken off its front",
     )
-    seed: int = Field(0, description="picks the demonstration tasks and seeds training")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="picks the demonstration tasks and seeds training")
 
     @field_validator("response_template")
     @classmethod
@@ -270,10 +285,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory, not a config file. Pass the path of a YAML file, e.g. examples/quickstart.yaml.")
         if not path.is_file():
             raise ConfigError(f"Config file not found: {path}. Pass the path of a YAML file, e.g. examples/quickstart.yaml.")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a text file (not UTF-8). Pass a YAML config, e.g. examples/quickstart.yaml.") from None
+        except OSError as err:
+            raise ConfigError(f"Cannot read {path}: {err.strerror or err}. Check its permissions.") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
         if loaded is None:

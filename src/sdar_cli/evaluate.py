@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -32,7 +33,7 @@ from .config import RunConfig
 from .envs import environment_factory
 from .envs.base import Environment
 from .models import pick_device
-from .rollout import EpisodeResult, HFPolicy, TurnRenderer, TurnSample, play_episodes
+from .rollout import EnvTimeouts, EpisodeResult, HFPolicy, TurnRenderer, TurnSample, play_episodes
 from .targets import Target, load_agent, resolve_target
 
 #: the 0.975 quantile of the standard normal distribution
@@ -157,6 +158,7 @@ def play_evaluation(
             max_turns,
             start,
             env_workers=config.env.workers,
+            timeouts=EnvTimeouts(config.env.reset_timeout_s, config.env.step_timeout_s),
         )
         samples += batch_samples
         episodes += batch_episodes
@@ -348,6 +350,9 @@ def evaluate_targets(
         console=console,
         transient=True,
     )
+    for target in targets:
+        if target.warning:
+            console.print(f"[yellow]Warning:[/yellow] {escape(target.warning)}", highlight=False, soft_wrap=True)
     with progress:
         for target in targets:
             max_turns = target.config.rollout.max_turns or env_max_turns

@@ -308,14 +308,18 @@ class GateView:
 def load_run_view(
     run_dir: Path, step: int | None = None, task: str | None = None, episode: int | None = None, turn: int | None = None
 ) -> GateView:
-    """Read a run's gate records: the selected step (default the latest) and up to MAX_REPORT_STEPS others."""
+    """Read a run's gate records: the selected step (default the latest) and up to MAX_REPORT_STEPS others
+    (for the HTML step selector and the plots; a damaged one of those is left out)."""
     available = gate_steps(run_dir)
     step = pick_step(available, step, run_dir)
     selected = select_or_explain(read_records(gate_file(run_dir, step)), step, task, episode, turn)
     steps = {step: selected}
     for other in report_steps(available, step):
         if other != step:
-            records = select(read_records(gate_file(run_dir, other)), task, episode, turn)
+            try:
+                records = select(read_records(gate_file(run_dir, other)), task, episode, turn)
+            except GateDataError:  # another step's damaged file must not hide the step asked for
+                continue
             if records:
                 steps[other] = records
     return GateView(str(run_dir), step, selected, dict(sorted(steps.items())), read_metrics(run_dir))

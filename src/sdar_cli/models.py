@@ -63,12 +63,29 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_model_path(name: str) -> str:
-    """A local folder or hub id as given; the embedded default as its converted cache folder."""
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
+    """A local folder or hub id as given; the embedded default as its converted cache folder. A name written
+    as a path (starting with /, ./, ../ or ~) must be an existing folder: it is never tried as a hub id."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
     if name.lower() == EMBEDDED_MODEL:
         return str(embedded_model_dir())
+    if looks_like_path(name):
+        state = "is a file, not a model folder" if path.exists() else "does not exist"
+        raise ModelLoadError(
+            f"Model folder {name} {state}. Set model.name to a folder holding config.json and the weights, "
+            f"a Hugging Face hub id, or '{EMBEDDED_MODEL}'."
+        )
     return name
+
+
+def looks_like_path(name: str) -> bool:
+    """A name meant as a local path, never a hub id ('namespace/repo'): it starts with /, ./, ../ or ~, exists,
+    has more than two parts, or its first part is a local folder (runs/quickstrat when runs/ exists)."""
+    path = Path(name).expanduser()
+    if name.startswith(("/", "./", "../", "~")) or path.exists() or len(path.parts) > 2:
+        return True
+    return len(path.parts) == 2 and Path(path.parts[0]).is_dir()
 
 
 def embedded_model_dir() -> Path:
@@ -159,6 +176,14 @@ def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
         raise ModelLoadError(
             f"The tokenizer of '{settings.name}' has no chat template. Set model.chat_template to a Jinja template."
         )
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True, tokenize=False)
+    except Exception as err:  # noqa: BLE001 - jinja raises several error types; each means the same to the user
+        source = "model.chat_template" if settings.chat_template else f"the chat template of '{settings.name}'"
+        raise ModelLoadError(
+            f"{source} cannot render a conversation ({type(err).__name__}: {err}). Fix the Jinja template "
+            "(it is given `messages`, a list of role/content dicts, and `add_generation_prompt`)."
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -194,9 +219,30 @@ def load_base_model(settings: ModelSettings, device: torch.device) -> PreTrained
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelLoadError(_not_found_message(settings.name, err)) from None
+    except Exception as err:  # noqa: BLE001 - safetensors and torch report a damaged weights file in their own types
+        raise ModelLoadError(
+            f"Cannot read the weights of model '{settings.name}' ({type(err).__name__}: {err}): the files are "
+            "damaged or cut off. Copy or download the model again."
+        ) from None
     if not settings.load_in_4bit:
         model.to(device)
     return model
+
+
+def check_lora_targets(model: torch.nn.Module, settings: ModelSettings) -> None:
+    """Every name in model.lora.target_modules must match a module of the model (as PEFT matches: the full
+    name or its last parts), else ModelLoadError naming the missing ones and the names the model has."""
+    targets = settings.lora.target_modules
+    if targets == "all-linear":
+        return
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
+        raise ModelLoadError(
+            f"model.lora.target_modules names modules '{settings.name}' does not have: {', '.join(missing)}. Its "
+            f"linear modules are: {', '.join(linear)}. List some of those, or set model.lora.target_modules=all-linear."
+        )
 
 
 def lora_config(settings: ModelSettings) -> LoraConfig:

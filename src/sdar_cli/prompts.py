@@ -33,6 +33,13 @@ def check_template(template: str) -> None:
         raise ValueError(
             f"rollout.prompt_template uses unknown placeholder(s) {unknown}; available: {', '.join(TEMPLATE_FIELDS)}."
         )
+    try:
+        template.format(**{name: "" for name in TEMPLATE_FIELDS})
+    except (KeyError, IndexError, ValueError, AttributeError) as err:
+        raise ValueError(
+            f"rollout.prompt_template cannot be filled in ({type(err).__name__}: {err}): its placeholders are "
+            f"{', '.join('{' + name + '}' for name in TEMPLATE_FIELDS)}; write other braces doubled ({{{{ and }}}})."
+        ) from None
 
 
 def render_history(history: Sequence[tuple[str, str]], window: int, steps_taken: int) -> str:

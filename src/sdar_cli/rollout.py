@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -79,6 +80,8 @@ class _EpisodeState:
     history: list[tuple[str, str]] = field(default_factory=list)
     last_action_invalid: bool = False
     done: bool = False
+    #: an environment call ran past its timeout: the object is abandoned (never called again, not even close)
+    hung: bool = False
 
     def shown_observation(self) -> str:
         """The observation text the student sees, with a note when its last action was invalid."""
@@ -233,13 +236,16 @@ def play_episodes(
     max_turns: int,
     first_episode_index: int = 0,
     env_workers: int = 1,
+    timeouts: EnvTimeouts | None = None,
 ) -> tuple[list[TurnSample], list[EpisodeResult]]:
     """Play one episode per entry of `task_ids` (entry i belongs to group `groups[i]`), all batched.
 
     Rewards: every turn-sample of an episode gets the episode's outcome reward (the sum of the
     environment's rewards), minus `invalid_action_penalty` on a turn whose action was invalid. An
     invalid action does not reach the environment; the episode goes on. An exception raised by the
-    environment ends that episode as failed (`env_error`), never the batch.
+    environment ends that episode as failed (`env_error`), never the batch; so does an observation whose
+    text, admissible actions or reward is not what the protocol promises, and a reset or step that runs
+    past its timeout (`timeouts`; None waits as long as the call takes).
 
     Each episode has its own environment object; `env_workers` threads reset and step them in
     parallel (engines that wait on a server or a subprocess gain; results never depend on it).
@@ -251,9 +257,10 @@ def play_episodes(
         _EpisodeState(env=None, result=EpisodeResult(task_id, "unknown", group, first_episode_index + offset))  # type: ignore[arg-type]
         for offset, (task_id, group) in enumerate(zip(task_ids, groups))
     ]
+    timeouts = timeouts or EnvTimeouts()
     with ThreadPoolExecutor(max_workers=max(1, env_workers), thread_name_prefix="sdar-env") as pool:
-        _run_all(pool, lambda state: _start(state, make_env), episodes)
-        samples = _play_turns(episodes, pool, policy, renderer, pattern, eos, max_turns)
+        _run_all(pool, lambda state: _start(state, make_env, timeouts.reset), episodes)
+        samples = _play_turns(episodes, pool, policy, renderer, pattern, eos, max_turns, timeouts.step)
         _run_all(pool, _close, episodes)
     # an episode that ended without reporting a metric (cut off, or failed, even before its environment was
     # built) takes the environment's default for it, so averages count it
@@ -269,18 +276,72 @@ def _run_all(pool: ThreadPoolExecutor, work: Callable[[_EpisodeState], None], st
         future.result()
 
 
-def _start(state: _EpisodeState, make_env: Callable[[], Environment]) -> None:
-    try:
+@dataclass(frozen=True)
+class EnvTimeouts:
+    """Seconds a reset or a step may take (None: unbounded)."""
+
+    reset: float | None = None
+    step: float | None = None
+
+
+class EnvTimeout(TimeoutError):
+    """An environment call ran past its timeout."""
+
+
+def _bounded(call: Callable[[], object], seconds: float | None, what: str, setting: str):
+    """`call()`, or EnvTimeout once it has run `seconds`. Python cannot kill a thread: the call goes on in a
+    daemon thread until it returns (its result is dropped) and never keeps the process from exiting."""
+    if seconds is None:
+        return call()
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller below
+            outcome["error"] = err
+
+    worker = threading.Thread(target=run, name="sdar-env-call", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise EnvTimeout(f"{what} took longer than {seconds:g} s ({setting}); the environment object is abandoned")
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]
+
+
+def checked_observation(observation: Observation) -> Observation:
+    """`observation` if it keeps the protocol (text a string, admissible actions a list of strings, reward a
+    finite number); else TypeError or ValueError saying what is wrong, which fails its episode."""
+    if not isinstance(observation.text, str):
+        raise TypeError(f"observation text is a {type(observation.text).__name__}, not a string")
+    actions = observation.admissible_actions
+    if not isinstance(actions, list) or not all(isinstance(action, str) for action in actions):
+        raise TypeError(f"admissible_actions must be a list of strings, got {actions!r:.80}")
+    reward = observation.reward
+    if isinstance(reward, bool) or not isinstance(reward, numbers.Real) or not math.isfinite(reward):
+        raise ValueError(f"reward must be a finite number, got {reward!r:.80}")
+    return observation
+
+
+def _start(state: _EpisodeState, make_env: Callable[[], Environment], timeout: float | None = None) -> None:
+    def reset() -> None:
         state.env = make_env()
-        state.task, state.observation = state.env.reset(state.result.task_id)
+        task, observation = state.env.reset(state.result.task_id)
+        state.task, state.observation = task, checked_observation(observation)
         state.result.task_type = state.task.task_type
+
+    try:
+        _bounded(reset, timeout, f"env reset of task {state.result.task_id}", "env.reset_timeout_s")
     except Exception as err:  # noqa: BLE001 - a broken environment fails its episode, not the run
+        state.hung = isinstance(err, EnvTimeout)
         _fail(state, err)
 
 
 def _close(state: _EpisodeState) -> None:
     state.done = True
-    if state.env is not None:
+    if state.env is not None and not state.hung:
         try:
             state.env.close()
         except Exception:  # noqa: BLE001 - closing must not lose the episode's samples
@@ -295,6 +356,7 @@ def _play_turns(
     pattern: re.Pattern[str],
     eos: int | list[int] | None,
     max_turns: int,
+    step_timeout: float | None = None,
 ) -> list[TurnSample]:
     rollout = renderer.rollout
 
@@ -335,7 +397,7 @@ def _play_turns(
             episode_samples.setdefault(state.result.episode, []).append(sample)
             state.result.turns += 1
             moves.append((state, action, valid))
-        for future in [pool.submit(_advance, *move) for move in moves]:
+        for future in [pool.submit(_advance, *move, step_timeout) for move in moves]:
             future.result()
     penalty = rollout.invalid_action_penalty
     for state in episodes:
@@ -344,7 +406,7 @@ def _play_turns(
     return samples
 
 
-def _advance(state: _EpisodeState, action: str | None, valid: bool) -> None:
+def _advance(state: _EpisodeState, action: str | None, valid: bool, timeout: float | None = None) -> None:
     observation = state.observation
     if not valid:
         state.result.invalid_actions += 1
@@ -353,9 +415,12 @@ def _advance(state: _EpisodeState, action: str | None, valid: bool) -> None:
         return
     env_action = canonical_action(action, observation.admissible_actions)
     try:
-        following = state.env.step(env_action)
+        following = checked_observation(
+            _bounded(lambda: state.env.step(env_action), timeout, f"env step {env_action!r}", "env.step_timeout_s")
+        )
         metrics = _episode_metrics(following.metrics)
     except Exception as err:  # noqa: BLE001 - a broken environment fails its episode, not the run
+        state.hung = isinstance(err, EnvTimeout)
         _fail(state, err)
         return
     state.history.append((observation.text, env_action))
@@ -381,4 +446,5 @@ def _fail(state: _EpisodeState, err: Exception) -> None:
     state.done = True
     state.result.won = False
     state.result.env_error = f"{type(err).__name__}: {err}"
-    logger.warning("episode %d (%s) failed in the environment: %s", state.result.episode, state.result.task_id, err)
+    logger.warning("episode %d (%s) failed in the environment (counted in env_error_rate, not trained on): %s",
+                   state.result.episode, state.result.task_id, err)

@@ -5,6 +5,8 @@ Run directory:
     metrics.jsonl          one JSON object per step
     gates/step-N.jsonl     per-token gate records (sdar, grpo_opsd, opsd)
     checkpoint-N/          a PEFT adapter (plain `PeftModel.from_pretrained` loads it) + resume state
+    config-changes.jsonl   the settings each resume changed (see resume.py)
+    .lock                  held (flock) by the process training the run
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import TrainerCallback
 
 from . import distributed
-from .config import RunConfig
+from .config import EnvSettings, RunConfig
 from .envs import environment_factory
-from .models import load_base_model, load_model_config, load_tokenizer, pick_device, pick_dtype
+from .models import check_lora_targets, load_base_model, load_model_config, load_tokenizer, pick_device, pick_dtype
+from .resume import LOCK_FILE, RunInUse, changed_settings, checkpoint_problem, is_safe_change, record_changes, run_lock
 from .trainer import SDARTrainer, TrainingAborted, grpo_args
 
 METRICS_FILE = "metrics.jsonl"
@@ -64,35 +67,58 @@ class TrainOutcome:
     last_step: int
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step (staging folders never match the name)."""
-    found = [(int(m.group(1)), p) for p in run_dir.glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))]
-    found = [(step, path) for step, path in found if (path / "trainer_state.json").is_file()]
-    return max(found)[1] if found else None
+def latest_checkpoint(run_dir: Path, skipped: list[tuple[Path, str]] | None = None) -> Path | None:
+    """The whole checkpoint with the highest step (staging folders never match the name); each newer one
+    that is damaged is appended to `skipped` with what is wrong with it."""
+    found = sorted(((int(m.group(1)), p) for p in run_dir.glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))), reverse=True)
+    for _, path in found:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        if skipped is not None:
+            skipped.append((path, problem))
+    return None
 
 
 def checkpoint_step(checkpoint: Path) -> int:
     return int(_CHECKPOINT.match(checkpoint.name).group(1))
 
 
-def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """Check the run directory, changing nothing; return the checkpoint to resume from (None: a fresh start)."""
+def prepare_run_dir(run_dir: Path, resume: bool, console: Console | None = None) -> Path | None:
+    """Check the run directory, changing nothing; return the checkpoint to resume from (None: a fresh start).
+    Damaged checkpoints newer than it are named on `console`."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"Run directory {run_dir} exists and is a file. Choose another --output-dir.")
-    in_use = run_dir.is_dir() and any(run_dir.iterdir())
+    in_use = run_dir.is_dir() and any(path.name != LOCK_FILE for path in run_dir.iterdir())
     if in_use and not resume:
         raise RunDirError(
             f"Run directory {run_dir} already holds a run. Pass --resume to continue it, or choose another "
             "--output-dir (nothing was changed)."
         )
-    return latest_checkpoint(run_dir) if resume and in_use else None
+    if not (resume and in_use):
+        return None
+    skipped: list[tuple[Path, str]] = []
+    checkpoint = latest_checkpoint(run_dir, skipped)
+    if checkpoint is None and skipped:
+        raise RunDirError(
+            f"No whole checkpoint in {run_dir} to resume from ({'; '.join(f'{p.name}: {why}' for p, why in skipped)}). "
+            "Delete the damaged checkpoint-N folders to start the run over, or choose another --output-dir."
+        )
+    if console is not None:
+        for path, problem in skipped:
+            console.print(f"[yellow]Warning:[/yellow] {path} is damaged ({problem}); resuming from {checkpoint.name}, "
+                          "the newest whole checkpoint.", highlight=False, soft_wrap=True)
+        if checkpoint is None:
+            console.print(f"[yellow]Warning:[/yellow] --resume: {run_dir} has no checkpoint yet, so training starts "
+                          "from step 0.", highlight=False, soft_wrap=True)
+    return checkpoint
 
 
 def forget_steps_after(run_dir: Path, step: int) -> None:
     """Drop metrics rows and gate files of steps after `step`: they are re-done on resume, never duplicated."""
     metrics = run_dir / METRICS_FILE
     if metrics.is_file():
-        kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line for line in metrics.read_text(errors="replace").splitlines() if (_metrics_step(line) or step + 1) <= step]
         metrics.write_text("".join(line + "\n" for line in kept))
     gates = run_dir / "gates"
     if gates.is_dir():
@@ -101,52 +127,109 @@ def forget_steps_after(run_dir: Path, step: int) -> None:
                 path.unlink()
 
 
-def check_resumable(config: RunConfig, saved_config: Path) -> None:
-    """A checkpoint's adapter and optimizer state are shaped by the model section: it must not change."""
+def _metrics_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line cut off by a kill (that step is re-done)."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def check_resumable(config: RunConfig, saved_config: Path) -> dict[str, tuple[Any, Any]]:
+    """The settings that differ from the run's config.yaml ({key: (old, new)}), all of them safe to change
+    on resume (resume.SAFE_TO_CHANGE); RunDirError naming the others, which would change what the steps
+    already trained mean (the model, the algorithm, the rollout, the environment's tasks)."""
     if not saved_config.is_file():
-        return
-    saved = yaml.safe_load(saved_config.read_text()).get("model", {})
-    current = config.model.model_dump(mode="json")
-    changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
-    if changed:
+        return {}
+    try:
+        saved = yaml.safe_load(saved_config.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, dict) or not saved:
         raise RunDirError(
-            f"Cannot resume with a different model section (changed: {', '.join('model.' + k for k in changed)}): "
-            f"the checkpoint was trained with the one in {saved_config}. Use that model section, or a new --output-dir."
+            f"{saved_config} is empty or damaged, so the settings this run was trained with are unknown. Restore it "
+            "(e.g. from your config file and --set overrides), or delete it to resume with the config you pass now."
         )
+    changes = changed_settings(saved, config.model_dump(mode="json"))
+    refused = [key for key in changes if not is_safe_change(key)]
+    if refused:
+        listed = ", ".join(f"{key} ({changes[key][0]!r} -> {changes[key][1]!r})" for key in refused)
+        raise RunDirError(
+            f"Cannot resume with changed settings that alter what the checkpoint was trained with: {listed}. Use the "
+            f"values in {saved_config}, or train with these settings in a new --output-dir. (Settings a resume may change: "
+            "train.max_steps, save_steps, report_to, device; output.*, eval.*, env.workers, env timeouts.)"
+        )
+    return changes
 
 
-def _open_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> Path | None:
-    """Check and create the run directory; return the checkpoint to resume from (None: a fresh start)."""
-    checkpoint = prepare_run_dir(run_dir, resume)
-    if checkpoint:
-        check_resumable(config, run_dir / CONFIG_FILE)
-    forget_steps_after(run_dir, checkpoint_step(checkpoint) if checkpoint else 0)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return checkpoint
+def _open_run_dir(
+    config: RunConfig, run_dir: Path, resume: bool, console: Console, held: contextlib.ExitStack
+) -> tuple[Path | None, dict[str, tuple[Any, Any]]]:
+    """Lock the run directory (until `held` closes) and check it, changing nothing: the checkpoint to resume
+    from (None: a fresh start) and the settings changed since it (all of them safe to change)."""
+    prepare_run_dir(run_dir, resume)  # refused before the lock creates the directory
+    try:
+        held.enter_context(run_lock(run_dir))
+    except RunInUse as err:
+        raise RunDirError(
+            f"Run directory {run_dir} is in use by another sdar process ({err}). Wait for it to finish or stop it "
+            "(Ctrl-C), then run this again: two processes training one run would mix their steps."
+        ) from None
+    checkpoint = prepare_run_dir(run_dir, resume, console)
+    return checkpoint, (check_resumable(config, run_dir / CONFIG_FILE) if checkpoint else {})
 
 
-def _open_run_dir_on_main(config: RunConfig, run_dir: Path, resume: bool) -> Path | None:
-    """Several processes: only the main one opens the run directory (the others would see the files it just
-    wrote as an existing run); the others wait and take its answer, the checkpoint or the same error."""
-    answer: tuple[str, Any] = ("checkpoint", None)
+def _open_run_dir_on_main(
+    config: RunConfig, run_dir: Path, resume: bool, console: Console, held: contextlib.ExitStack
+) -> tuple[Path | None, dict[str, tuple[Any, Any]]]:
+    """Several processes: only the main one locks and checks the run directory (the others would see the
+    files it writes as an existing run); the others wait and take its answer, or the same error."""
+    answer: tuple[str, Any] = ("opened", (None, {}))
+    failure: Exception | None = None
     if distributed.is_main():
         try:
-            answer = ("checkpoint", _open_run_dir(config, run_dir, resume))
-        except RunDirError as err:
-            answer = ("error", str(err))
+            answer = ("opened", _open_run_dir(config, run_dir, resume, console, held))
+        except (RunDirError, OSError) as err:
+            failure, answer = err, ("error", str(err))
     kind, value = distributed.broadcast_from_main(answer)
+    if failure is not None:
+        raise failure
     if kind == "error":
         raise RunDirError(value)
     return value
 
 
 def train(config: RunConfig, run_dir: Path, resume: bool = False, console: Console | None = None) -> TrainOutcome:
+    """Train (or resume) the run in `run_dir`. The main process holds the run's lock throughout; everything
+    that can be checked is checked before the run directory changes, so a refused or failed start leaves it
+    as it was."""
     console = console or Console()
     device = pick_device(config.train.device)
     rollout = config.rollout
     distributed.check_world_fits(rollout.tasks_per_step, rollout.group_size, config.train.micro_batches)
     distributed.start(cpu=device.type == "cpu")
-    checkpoint = _open_run_dir_on_main(config, run_dir, resume)
+    with contextlib.ExitStack() as held:
+        checkpoint, changes = _open_run_dir_on_main(config, run_dir, resume, console, held)
+        return _train_opened(config, run_dir, device, console, checkpoint, changes)
+
+
+def _train_opened(
+    config: RunConfig,
+    run_dir: Path,
+    device: torch.device,
+    console: Console,
+    checkpoint: Path | None,
+    changes: dict[str, tuple[Any, Any]],
+) -> TrainOutcome:
+    done = checkpoint_step(checkpoint) if checkpoint else 0
+    if done >= config.train.max_steps:
+        return TrainOutcome(
+            0,
+            f"Nothing to train: {run_dir} is already at step {done} and train.max_steps is {config.train.max_steps}. "
+            f"To train further, resume with a larger one: --set train.max_steps={done + config.train.save_steps}",
+            done,
+        )
     make_env = environment_factory(config.env.name, config.env.kwargs)
     probe = make_env()
     train_task_ids = probe.task_ids(config.env.train_split)
@@ -157,10 +240,9 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False, console: Conso
 
     tokenizer = load_tokenizer(config.model)
     model = load_base_model(config.model, device)
-    if distributed.is_main():
-        (run_dir / CONFIG_FILE).write_text(config.to_yaml())
+    check_lora_targets(model, config.model)
 
-    interrupt = InterruptWatcher(console)
+    interrupt = InterruptWatcher(console, config.env)
     progress = ProgressDisplay(console, config.train.max_steps)
     writer = MetricsWriter(run_dir / METRICS_FILE, progress.summary)
     # only the main process writes metrics.jsonl and shows progress (the metrics are already over all ranks)
@@ -176,6 +258,12 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False, console: Conso
         max_turns=max_turns,
         callbacks=[*shown, interrupt, FinalSave()],
     )
+    # the run starts here: the directory changes only now that everything above has been checked
+    if distributed.is_main():
+        forget_steps_after(run_dir, done)
+        if changes:
+            record_changes(run_dir, done, changes)
+        (run_dir / CONFIG_FILE).write_text(config.to_yaml())
     if checkpoint:
         console.print(f"Resuming from {checkpoint} (step {checkpoint_step(checkpoint)}).")
     with interrupt.installed():
@@ -441,8 +529,9 @@ class InterruptWatcher(TrainerCallback):
 
     SAME_INTERRUPT_SECONDS = 2.0
 
-    def __init__(self, console: Console):
+    def __init__(self, console: Console, env: EnvSettings | None = None):
         self.console = console
+        self.env = env
         self.requested = False
         self._requested_at = 0.0
 
@@ -464,8 +553,9 @@ class InterruptWatcher(TrainerCallback):
             raise KeyboardInterrupt
         self.requested = True
         self._requested_at = time.monotonic()
+        bound = f" (an environment call waits at most {self.env.step_timeout_s:g} s)" if self.env else ""
         self.console.print(
-            f"[yellow]{signal.Signals(signum).name} received: finishing this step and writing a checkpoint "
+            f"[yellow]{signal.Signals(signum).name} received: finishing this step{bound} and writing a checkpoint "
             "(press Ctrl-C again to stop at once).[/yellow]"
         )
 

@@ -19,7 +19,8 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import RunConfig, load_config
-from .models import load_base_model, load_tokenizer
+from .models import load_base_model, load_tokenizer, looks_like_path
+from .resume import adapter_problem
 from .run import CONFIG_FILE, checkpoint_step, latest_checkpoint
 
 ADAPTER_FILE = "adapter_config.json"
@@ -36,6 +37,7 @@ class Target:
     config: RunConfig
     checkpoint: Path | None  # the adapter folder; None for a base model
     step: int | None  # the checkpoint's training step; None for a base model
+    warning: str | None = None  # what the user should know about the choice (a damaged newer checkpoint)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -48,6 +50,9 @@ def resolve_target(
     """Find the adapter and the config of `target` (see the module docstring)."""
     path = Path(target).expanduser()
     if path.is_dir() and (path / ADAPTER_FILE).is_file():
+        problem = adapter_problem(path)
+        if problem:
+            raise TargetError(f"Checkpoint {target} is damaged ({problem}). Evaluate another checkpoint-N of its run.")
         config_file = config_path or path.parent / CONFIG_FILE
         if not config_file.is_file():
             raise TargetError(
@@ -58,16 +63,18 @@ def resolve_target(
         step = int(number) if number.isdigit() and number != path.name else None
         return Target(target, "checkpoint", load_config(config_file, overrides), path, step)
     if is_run_dir(path):
-        checkpoint = latest_checkpoint(path)
+        skipped: list[tuple[Path, str]] = []
+        checkpoint = latest_checkpoint(path, skipped)
+        damaged = "; ".join(f"{p.name} is damaged ({why})" for p, why in skipped)
         if checkpoint is None:
             raise TargetError(
-                f"Run directory {target} has no checkpoint-N/ yet: train at least train.save_steps steps, "
-                "or evaluate the base model."
+                f"Run directory {target} has no whole checkpoint-N/ ({damaged or 'none yet'}): train at least "
+                "train.save_steps steps (or resume the run), or evaluate the base model."
             )
         config = load_config(config_path or path / CONFIG_FILE, overrides)
-        return Target(target, "run", config, checkpoint, checkpoint_step(checkpoint))
-    looks_like_path = target.startswith(("/", "./", "../", "~")) or path.exists()
-    if looks_like_path and not path.is_dir():
+        warning = f"{damaged}; evaluating {checkpoint.name}, the newest whole checkpoint." if damaged else None
+        return Target(target, "run", config, checkpoint, checkpoint_step(checkpoint), warning)
+    if looks_like_path(target) and not path.is_dir():
         state = "is a file" if path.exists() else "does not exist"
         raise TargetError(f"{target} {state}: pass a run directory, a checkpoint-N folder or a model folder.")
     if path.is_dir() and not (path / "config.json").is_file():

@@ -30,6 +30,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import rotate_checkpoints
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
@@ -47,7 +48,7 @@ from .losses import (
     sdar_token_loss,
 )
 from .models import adapter_switched_off, lora_config
-from .rollout import EpisodeResult, HFPolicy, TurnRenderer, TurnSample, play_episodes
+from .rollout import EnvTimeouts, EpisodeResult, HFPolicy, TurnRenderer, TurnSample, play_episodes
 
 SDAR_STATE_FILE = "sdar_state.json"
 
@@ -178,6 +179,10 @@ class SDARTrainer(GRPOTrainer):
         generation_seconds = self._seconds_since(generation_started)
         self._episodes_played += len(task_ids) * self.accelerator.num_processes
         self._check_env_errors(episodes)
+        # an episode that failed in the environment has no outcome to learn from: its turns are not trained on
+        # (dropped before the advantages, so they neither score 0 nor shift their group's mean)
+        failed = {e.episode for e in episodes if e.env_error}
+        samples = [s for s in samples if s.episode not in failed]
 
         rewards = torch.tensor([s.reward for s in samples])
         group_ids = torch.tensor([s.group for s in samples])
@@ -248,6 +253,7 @@ class SDARTrainer(GRPOTrainer):
     ) -> tuple[list[TurnSample], list[EpisodeResult]]:
         """The rollout of one step (no gradient, eval mode): each task id played once, batched."""
         policy = HFPolicy(model, self.processing_class, self.config.rollout)
+        self.renderer.truncated_prompts = 0  # counted per step
         return play_episodes(
             task_ids,
             groups,
@@ -257,6 +263,7 @@ class SDARTrainer(GRPOTrainer):
             self.max_turns,
             self._first_episode,
             env_workers=self.config.env.workers,
+            timeouts=EnvTimeouts(self.config.env.reset_timeout_s, self.config.env.step_timeout_s),
         )
 
     def _seconds_since(self, started: float) -> float:
@@ -448,6 +455,11 @@ class SDARTrainer(GRPOTrainer):
         self.args.output_dir = str(staging_root)
         try:
             super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+            shutil.rmtree(staging_root, ignore_errors=True)  # a partial checkpoint is never left, nor its space taken
+            if isinstance(err, OSError) or "write" in str(err).lower():
+                raise OSError(f"writing {name} into {run_dir} failed ({err})") from err
+            raise
         finally:
             self.args.output_dir = original_output_dir
         self.accelerator.wait_for_everyone()
@@ -471,8 +483,8 @@ class SDARTrainer(GRPOTrainer):
         else:
             staged.rename(final)
         shutil.rmtree(staging_root, ignore_errors=True)
-        if self.args.save_total_limit:
-            self._rotate_checkpoints(use_mtime=False, output_dir=str(run_dir))
+        if self.args.save_total_limit:  # counted in the run directory, never in the staging folder
+            rotate_checkpoints(str(run_dir), self.args.save_total_limit)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

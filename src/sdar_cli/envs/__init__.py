@@ -43,6 +43,12 @@ def environment_class(name: str) -> type[Environment]:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise EnvironmentConfigError(f"env.name '{name}': cannot import module '{module_name}': {err}") from None
+    except Exception as err:  # noqa: BLE001 - a plugin's own bug (syntax error, raise at import) is the user's to fix
+        where = f" ({err.filename}, line {err.lineno})" if isinstance(err, SyntaxError) else ""
+        raise EnvironmentConfigError(
+            f"env.name '{name}': importing module '{module_name}' failed with {type(err).__name__}: {err}{where}. "
+            "Fix the plugin module (run `python -c \"import " + module_name + "\"` to see the full error)."
+        ) from None
     cls = getattr(module, class_name, None)
     if not (inspect.isclass(cls) and issubclass(cls, Environment)):
         raise EnvironmentConfigError(
