@@ -446,5 +446,5 @@ def _fail(state: _EpisodeState, err: Exception) -> None:
     state.done = True
     state.result.won = False
     state.result.env_error = f"{type(err).__name__}: {err}"
-    logger.warning("episode %d (%s) failed in the environment (counted in env_error_rate, not trained on): %s",
+    logger.warning("episode %d (%s) failed in the environment (counted in env_error_rate): %s",
                    state.result.episode, state.result.task_id, err)

@@ -553,7 +553,8 @@ class InterruptWatcher(TrainerCallback):
             raise KeyboardInterrupt
         self.requested = True
         self._requested_at = time.monotonic()
-        bound = f" (an environment call waits at most {self.env.step_timeout_s:g} s)" if self.env else ""
+        bound = (f" (environment calls time out after env.step_timeout_s={self.env.step_timeout_s:g} s, "
+                 f"env.reset_timeout_s={self.env.reset_timeout_s:g} s)") if self.env else ""
         self.console.print(
             f"[yellow]{signal.Signals(signum).name} received: finishing this step{bound} and writing a checkpoint "
             "(press Ctrl-C again to stop at once).[/yellow]"
