@@ -98,7 +98,7 @@ def test_existing_run_directory_is_refused_without_resume(finished_run, config_f
     [
         (["--set", "train.max_step=3"], "Did you mean 'train.max_steps'?"),
         (["--set", "rollout.temperature=hot"], "rollout.temperature: Input should be a valid number"),
-        (["--set", "model.name=/no/such/model"], "Cannot load model '/no/such/model'"),
+        (["--set", "model.name=/no/such/model"], "Model folder /no/such/model does not exist"),
         (["--set", "model.load_in_4bit=true"], "needs a CUDA GPU"),
         (["--set", "env.name=nowhere.module:Env"], "cannot import module 'nowhere.module'"),
         (["--set", "env.name=tests_envs:MissingEngineEnv"], "Install it with: pip install 'sdar-cli[alfworld]'"),

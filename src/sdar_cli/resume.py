@@ -55,7 +55,10 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
 
 
 def adapter_problem(folder: Path) -> str | None:
-    """Why the adapter in `folder` cannot be loaded (None: its files are whole)."""
+    """Why the adapter in `folder` cannot be loaded (None: its files are whole; older PEFT's pickled
+    adapter_model.bin is taken as it is)."""
+    if (folder / "adapter_model.bin").is_file() and not (folder / "adapter_model.safetensors").exists():
+        return _files_problem(folder, {"adapter_config.json": "json"})
     return _files_problem(folder, _ADAPTER_FILES)
 
 

@@ -50,15 +50,15 @@ def resolve_target(
     """Find the adapter and the config of `target` (see the module docstring)."""
     path = Path(target).expanduser()
     if path.is_dir() and (path / ADAPTER_FILE).is_file():
-        problem = adapter_problem(path)
-        if problem:
-            raise TargetError(f"Checkpoint {target} is damaged ({problem}). Evaluate another checkpoint-N of its run.")
         config_file = config_path or path.parent / CONFIG_FILE
         if not config_file.is_file():
             raise TargetError(
                 f"Checkpoint {target} is not inside a run directory (no {path.parent / CONFIG_FILE}). "
                 "Pass the config it was trained with: --config CONFIG."
             )
+        problem = adapter_problem(path)
+        if problem:
+            raise TargetError(f"Checkpoint {target} is damaged ({problem}). Evaluate another checkpoint-N of its run.")
         number = path.name.removeprefix("checkpoint-")
         step = int(number) if number.isdigit() and number != path.name else None
         return Target(target, "checkpoint", load_config(config_file, overrides), path, step)
@@ -66,10 +66,15 @@ def resolve_target(
         skipped: list[tuple[Path, str]] = []
         checkpoint = latest_checkpoint(path, skipped)
         damaged = "; ".join(f"{p.name} is damaged ({why})" for p, why in skipped)
+        if checkpoint is None and damaged:
+            raise TargetError(
+                f"Run directory {target} has no whole checkpoint-N/ ({damaged}): resume the run with "
+                "`sdar train CONFIG -o RUN --resume` once the damaged ones are deleted, or evaluate the base model."
+            )
         if checkpoint is None:
             raise TargetError(
-                f"Run directory {target} has no whole checkpoint-N/ ({damaged or 'none yet'}): train at least "
-                "train.save_steps steps (or resume the run), or evaluate the base model."
+                f"Run directory {target} has no checkpoint-N/ yet: train at least train.save_steps steps, "
+                "or evaluate the base model."
             )
         config = load_config(config_path or path / CONFIG_FILE, overrides)
         warning = f"{damaged}; evaluating {checkpoint.name}, the newest whole checkpoint." if damaged else None
