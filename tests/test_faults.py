@@ -413,3 +413,26 @@ def test_sigterm_while_an_environment_call_hangs_says_what_it_waits_for(tiny_mod
     last = checkpoints(ctx.run)[-1]
     assert steps(ctx.run) == list(range(1, last + 1)) and last < 20
     whole(ctx.run, last)
+
+
+def test_ctrl_c_in_eval_says_what_it_waits_for_and_a_second_exits_at_once(tiny_model_dir, config_file, finished, tmp_path):
+    ctx = Ctx(tmp_path, tiny_model_dir, config_file, finished)
+    process = sdar_process(ctx, "eval", str(finished), "--episodes", "2", "--set", "env.name=tests_envs:FaultyEnv",
+                           "--set", "env.kwargs={fault: reset_hang, task: all, hang_s: 120}")
+    lines: list[str] = []
+    try:
+        for expected in ("hanging for 120", "SIGINT received: stopping the evaluation"):
+            while not any(expected in line for line in lines):
+                line = process.stdout.readline()
+                assert line, "".join(lines)
+                lines.append(line)
+                if expected.startswith("hanging") and expected in line:
+                    process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=30)  # the reset still hangs: only the second Ctrl-C ends it
+    finally:
+        process.kill()
+    output = "".join(lines) + output
+    assert process.returncode == 130, output
+    assert "once the environment calls in progress return (each waits at most env.step_timeout_s)" in " ".join(output.split())
+    assert "Traceback" not in output

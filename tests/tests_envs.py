@@ -73,8 +73,8 @@ class ShortEpisodesEnv(HouseholdEnv):
 
 
 class FaultyEnv(HouseholdEnv):
-    """Task train-00001 misbehaves as env.kwargs `fault` says, on reset ("reset_*") or on every step; the other
-    tasks play normally. Any response is an action (the pattern takes the whole text after the prefix "go "), so
+    """Task `task` (train-00001; "all": every task) misbehaves as env.kwargs `fault` says, on reset ("reset_*")
+    or on every step, a hang lasting `hang_s` seconds; the other tasks play normally. Any response is an action (the pattern takes the whole text after the prefix "go "), so
     a random model reaches `step`."""
 
     rollout_defaults = {"action_pattern": "(.+)", "response_prefix": "go "}
@@ -86,32 +86,38 @@ class FaultyEnv(HouseholdEnv):
         "no_text": {"text": None},
     }
 
-    def __init__(self, fault: str = "nan_reward", **kwargs):
+    def __init__(self, fault: str = "nan_reward", task: str = "train-00001", hang_s: float = 5.0, **kwargs):
         super().__init__(**kwargs)
-        self.fault = fault
+        self.fault, self.faulty_task, self.hang_s = fault, task, hang_s
         self.task_id = None
 
-    def reset(self, task_id):
+    def faulty(self) -> bool:
+        return self.faulty_task in ("all", self.task_id)
+
+    def hang(self) -> None:
+        import sys
         import time
 
+        print(f"{self.task_id}: hanging for {self.hang_s} s", file=sys.stderr, flush=True)
+        time.sleep(self.hang_s)
+
+    def reset(self, task_id):
         from sdar_cli.envs.base import Observation
 
         self.task_id = task_id
         task, observation = super().reset(task_id)
-        if task_id == "train-00001" and self.fault == "reset_hang":
-            time.sleep(5)
-        if task_id == "train-00001" and self.fault == "reset_nan_reward":
+        if self.faulty() and self.fault == "reset_hang":
+            self.hang()
+        if self.faulty() and self.fault == "reset_nan_reward":
             return task, Observation(text=observation.text, admissible_actions=[], reward=float("nan"))
         return task, Observation(text=observation.text, admissible_actions=[])
 
     def step(self, action):
-        import time
-
         from sdar_cli.envs.base import Observation
 
         fields = {"text": f"You {action}. Nothing happens.", "admissible_actions": [], "reward": 0.0}
-        if self.task_id == "train-00001":
+        if self.faulty():
             if self.fault == "step_hang":
-                time.sleep(5)
+                self.hang()
             fields.update(self.BROKEN.get(self.fault, {}))
         return Observation(**fields)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional
@@ -223,13 +224,17 @@ def _stop_on_interrupt(what: str):
 
     def handle(signum, frame):
         if pressed:
+            err_console.print(f"[yellow]Stopped {what} at once.[/yellow]", highlight=False)
+            sys.stderr.flush()
             os._exit(130)
         pressed.append(signum)
         err_console.print(
             f"[yellow]{signal.Signals(signum).name} received: stopping {what} once the environment calls in progress "
             "return (each waits at most env.step_timeout_s); press Ctrl-C again to exit at once.[/yellow]",
             highlight=False,
+            soft_wrap=True,
         )
+        sys.stderr.flush()
         raise KeyboardInterrupt
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
