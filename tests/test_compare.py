@@ -211,6 +211,9 @@ def test_a_rerun_keeps_finished_runs_and_their_evaluations_and_replaying_reprodu
 
 def test_a_retrained_run_is_evaluated_again(tiny_model_dir, tmp_path):
     """The cache key follows the checkpoint's files: new weights at the same path are not a cache hit."""
+    import torch
+    from safetensors.torch import save_file
+
     from sdar_cli.evaluate import evaluation_key
     from sdar_cli.targets import resolve_target
 
@@ -218,7 +221,8 @@ def test_a_retrained_run_is_evaluated_again(tiny_model_dir, tmp_path):
     checkpoint = run / "checkpoint-1"
     checkpoint.mkdir(parents=True)
     (checkpoint / "adapter_config.json").write_text("{}")
-    (checkpoint / "adapter_model.safetensors").write_bytes(b"x" * 10)
+    # a whole adapter file (a cut-off one is refused as a target); its values change below, not its size
+    save_file({"w": torch.zeros(2)}, checkpoint / "adapter_model.safetensors")
     (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": str(tiny_model_dir)}}))
     target = resolve_target(str(checkpoint), None, [])
     assert target.checkpoint == checkpoint
@@ -235,7 +239,7 @@ def test_a_retrained_run_is_evaluated_again(tiny_model_dir, tmp_path):
         update={"rollout": target.config.rollout.model_copy(update={"max_new_tokens": 7})}))
     assert evaluation_key(prompted_differently, settings, 6) != key
     # retrained: same size, same path, other bytes
-    (checkpoint / "adapter_model.safetensors").write_bytes(b"y" * 10)
+    save_file({"w": torch.ones(2)}, checkpoint / "adapter_model.safetensors")
     assert evaluation_key(target, settings, 6) != key
 
 

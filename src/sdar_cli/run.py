@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
@@ -106,10 +107,10 @@ def prepare_run_dir(run_dir: Path, resume: bool, console: Console | None = None)
         )
     if console is not None:
         for path, problem in skipped:
-            console.print(f"[yellow]Warning:[/yellow] {path} is damaged ({problem}); resuming from {checkpoint.name}, "
-                          "the newest whole checkpoint.", highlight=False, soft_wrap=True)
+            console.print(f"[yellow]Warning:[/yellow] {escape(str(path))} is damaged ({problem}); resuming from "
+                          f"{checkpoint.name}, the newest whole checkpoint.", highlight=False, soft_wrap=True)
         if checkpoint is None:
-            console.print(f"[yellow]Warning:[/yellow] --resume: {run_dir} has no checkpoint yet, so training starts "
+            console.print(f"[yellow]Warning:[/yellow] --resume: {escape(str(run_dir))} has no checkpoint yet, so training starts "
                           "from step 0.", highlight=False, soft_wrap=True)
     return checkpoint
 
@@ -118,7 +119,8 @@ def forget_steps_after(run_dir: Path, step: int) -> None:
     """Drop metrics rows and gate files of steps after `step`: they are re-done on resume, never duplicated."""
     metrics = run_dir / METRICS_FILE
     if metrics.is_file():
-        kept = [line for line in metrics.read_text(errors="replace").splitlines() if (_metrics_step(line) or step + 1) <= step]
+        lines = metrics.read_text(errors="replace").splitlines()
+        kept = [line for line in lines if (number := _metrics_step(line)) is not None and number <= step]
         metrics.write_text("".join(line + "\n" for line in kept))
     gates = run_dir / "gates"
     if gates.is_dir():
