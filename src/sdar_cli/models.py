@@ -230,14 +230,16 @@ def load_base_model(settings: ModelSettings, device: torch.device) -> PreTrained
 
 
 def check_lora_targets(model: torch.nn.Module, settings: ModelSettings) -> None:
-    """Every name in model.lora.target_modules must match a module of the model (as PEFT matches: the full
-    name or its last parts), else ModelLoadError naming the missing ones and the names the model has."""
+    """Every name the user listed in model.lora.target_modules must match a module of the model (as PEFT
+    matches: the full name or its last parts), and the default list at least one; else ModelLoadError
+    naming the missing ones and the names the model has."""
     targets = settings.lora.target_modules
     if targets == "all-linear":
         return
     names = [name for name, _ in model.named_modules()]
     missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
-    if missing:
+    user_listed = "target_modules" in settings.lora.model_fields_set
+    if missing and (user_listed or len(missing) == len(targets)):
         linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
         raise ModelLoadError(
             f"model.lora.target_modules names modules '{settings.name}' does not have: {', '.join(missing)}. Its "
