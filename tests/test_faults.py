@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -170,12 +171,35 @@ def refused_unchanged(ctx: Ctx) -> None:
     assert not (ctx.run / CONFIG_CHANGES_FILE).exists()
 
 
+def full_disk() -> str:
+    """/dev/full: every write fails with ENOSPC. Reached only through links, so nothing can replace it."""
+    if not stat.S_ISCHR(os.stat("/dev/full").st_mode):
+        pytest.skip("/dev/full is not the full device here")
+    return "/dev/full"
+
+
 def full_disk_at_step_2(ctx: Ctx) -> list[str]:
     run = ctx.copy_finished()
     shutil.rmtree(run / "checkpoint-2")
     (run / "gates" / "step-2.jsonl").unlink()
-    (run / "gates" / "step-2.jsonl.tmp").symlink_to("/dev/full")  # writing step 2's gates hits a full disk
+    (run / "gates" / "step-2.jsonl.tmp").symlink_to(full_disk())  # writing step 2's gates hits a full disk
     return ctx.train(resume=True)
+
+
+def full_disk_in_checkpoint_write(ctx: Ctx) -> list[str]:
+    """The optimizer state of checkpoint-2 is written to a full disk (/dev/full, behind a staging folder that is
+    a link): torch.save fails part-way."""
+    run = ctx.copy_finished()
+    shutil.rmtree(run / "checkpoint-2")
+    trap = ctx.root / "trap"
+    (trap / "checkpoint-2").mkdir(parents=True)
+    (trap / "checkpoint-2" / "optimizer.pt").symlink_to(full_disk())
+    (run / ".staging-checkpoint-2").symlink_to(trap)
+    return ctx.train(resume=True)
+
+
+def checkpoint_1_only(ctx: Ctx) -> None:
+    assert checkpoints(ctx.run) == [1] and checkpoint_problem(ctx.run / "checkpoint-1") is None
 
 
 def torn_metrics(ctx: Ctx) -> list[str]:
@@ -289,6 +313,7 @@ CASES = [
     # 8. I/O errors: exit 2, what happened, what to do
     Case("output-under-a-file", lambda ctx: ctx.train(run=under_a_file(ctx)), 2, "choose another --output-dir"),
     Case("disk-full-mid-run", full_disk_at_step_2, 2, "No space left on device", trained([1], [1])),
+    Case("disk-full-in-checkpoint", full_disk_in_checkpoint_write, 2, "writing checkpoint-2 into", checkpoint_1_only),
     Case("binary-config", lambda ctx: ((ctx.root / "c.yaml").write_bytes(b"\x89PNG\r\n\x00\xff\xfe"), ctx.train(config=ctx.root / "c.yaml"))[1],
          2, "is not a text file", nothing_written),
     Case("plugin-raises-at-import", plugin("raise RuntimeError('needs a licence key')\n"), 2,

@@ -455,11 +455,9 @@ class SDARTrainer(GRPOTrainer):
         self.args.output_dir = str(staging_root)
         try:
             super()._save_checkpoint(model, trial)
-        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError of its own
             shutil.rmtree(staging_root, ignore_errors=True)  # a partial checkpoint is never left, nor its space taken
-            if isinstance(err, OSError) or "write" in str(err).lower():
-                raise OSError(f"writing {name} into {run_dir} failed ({err})") from err
-            raise
+            raise OSError(f"writing {name} into {run_dir} failed ({err})") from err
         finally:
             self.args.output_dir = original_output_dir
         self.accelerator.wait_for_everyone()
