@@ -127,6 +127,11 @@ class AlgorithmSettings(_Section):
     kl_coef: float = Field(0.01, ge=0.0, description="weight of KL(actor || reference), k3 estimator")
     entropy_coef: float = Field(0.001, ge=0.0, description="entropy bonus weight")
     clip_eps: float = Field(0.2, gt=0.0, description="PPO clip range")
+    dual_clip: float | None = Field(
+        3.0,
+        description="c of dual-clip PPO: for A < 0 the ratio term is capped at c * |A| (official 3.0); None disables; "
+        "must exceed 1 + clip_eps",
+    )
     loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"] = Field(
         "dapo", description="TRL loss aggregation; dapo = token-mean over the rollout batch (the official one)"
     )
@@ -185,6 +190,13 @@ class TrainSettings(_Section):
     micro_batches: int = Field(
         1, ge=1, description="gradient-accumulation micro-steps per update (bounds activation memory)"
     )
+    updates_per_rollout: int = Field(
+        1,
+        ge=1,
+        description="optimizer updates one rollout batch is split into (PPO mini-batches); each update is "
+        "micro_batches micro-steps; max_steps and save_steps count updates",
+    )
+    epochs_per_rollout: int = Field(1, ge=1, description="passes over one rollout batch (TRL's num_iterations)")
     logprob_batch_size: int = Field(16, ge=1, description="rows per forward pass in no-grad log-prob passes")
     gradient_checkpointing: bool = False
     max_nonfinite_updates: int = Field(3, ge=1, description="stop (with a checkpoint) after this many in a row")
@@ -264,6 +276,22 @@ class RunConfig(_Section):
             raise ValueError(
                 f"train.micro_batches ({self.train.micro_batches}) must divide rollout.tasks_per_step x "
                 f"rollout.group_size ({episodes})"
+            )
+        chunks = self.train.micro_batches * self.train.updates_per_rollout
+        if episodes % chunks:
+            raise ValueError(
+                f"train.updates_per_rollout x train.micro_batches ({chunks}) must divide rollout.tasks_per_step x "
+                f"rollout.group_size ({episodes})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _dual_clip_above_the_clip_range(self) -> RunConfig:
+        algorithm = self.algorithm
+        if algorithm.dual_clip is not None and algorithm.dual_clip <= 1 + algorithm.clip_eps:
+            raise ValueError(
+                f"algorithm.dual_clip ({algorithm.dual_clip}) must exceed 1 + algorithm.clip_eps "
+                f"({1 + algorithm.clip_eps}); set it to null to disable dual-clip"
             )
         return self
 

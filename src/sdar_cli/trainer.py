@@ -67,13 +67,20 @@ def environment_reward(**_: Any) -> list[float]:
 
 
 def grpo_args(config: RunConfig, run_dir: Path, use_cpu: bool, bf16: bool) -> GRPOConfig:
-    """Translate the run config into TRL's GRPOConfig (one optimizer update per rollout batch).
+    """Translate the run config into TRL's GRPOConfig.
+
+    One rollout batch is split into `updates_per_rollout` optimizer updates of `micro_batches`
+    accumulation micro-steps each (TRL: steps_per_generation = updates x micro-batches), and passed
+    over `epochs_per_rollout` times (num_iterations). Dual-clip is TRL's `delta`: capping the ratio at
+    c before PPO's min gives, for A < 0, min(max(-r A, -clip(r) A), -c A) (the dual-clip loss, value and
+    gradient), and for A > 0 changes nothing as long as c > 1 + eps, which the config checks.
 
     Under several processes TRL's generation batch is per_device_train_batch_size x steps_per_generation
     x processes, so each process takes its share: the step still plays tasks_per_step x group_size episodes.
     """
     rollout, algorithm, train = config.rollout, config.algorithm, config.train
     episodes_per_step = rollout.tasks_per_step * rollout.group_size // distributed.world_size()
+    chunks_per_rollout = train.micro_batches * train.updates_per_rollout
     return GRPOConfig(
         output_dir=str(run_dir),
         seed=train.seed,
@@ -83,15 +90,17 @@ def grpo_args(config: RunConfig, run_dir: Path, use_cpu: bool, bf16: bool) -> GR
         warmup_steps=0,
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
-        per_device_train_batch_size=episodes_per_step // train.micro_batches,
+        per_device_train_batch_size=episodes_per_step // chunks_per_rollout,
         gradient_accumulation_steps=train.micro_batches,
-        steps_per_generation=train.micro_batches,
+        steps_per_generation=chunks_per_rollout,
+        num_iterations=train.epochs_per_rollout,
         num_generations=rollout.group_size,
         max_completion_length=rollout.max_new_tokens,
         temperature=rollout.temperature,
         top_p=rollout.top_p,
         beta=algorithm.kl_coef,
         epsilon=algorithm.clip_eps,
+        delta=algorithm.dual_clip,
         loss_type=algorithm.loss_type,
         entropy_coef=algorithm.entropy_coef,
         gradient_checkpointing=train.gradient_checkpointing,
@@ -155,6 +164,7 @@ class SDARTrainer(GRPOTrainer):
         self._step_samples: list[TurnSample] = []
         self._step_advantages: torch.Tensor | None = None
         self._gate_records: dict[int, dict[str, list[float]]] = {}
+        self._rollout_metrics: dict[str, float] = {}
         #: episodes played by all processes together (global ids: rank r's follow those of ranks < r)
         self._episodes_played = 0
         self._first_episode = 0
@@ -241,12 +251,29 @@ class SDARTrainer(GRPOTrainer):
                         batch_size=batch_size,
                     )
             teacher_seconds = self._seconds_since(teacher_started) if self.with_teacher else 0.0
+            old_started = time.perf_counter()
+            if self._reuses_rollout_batch:
+                # the policy that sampled, scored once: the PPO ratio of every later update is against it
+                batch["old_per_token_logps"], _, _ = self._get_per_token_logps_and_entropies(
+                    self.model,
+                    torch.cat([batch["prompt_ids"], completion_ids], dim=1),
+                    torch.cat([batch["prompt_mask"], completion_mask], dim=1),
+                    logits_to_keep,
+                    batch_size=batch_size,
+                )
+            old_seconds = self._seconds_since(old_started) if self._reuses_rollout_batch else 0.0
 
         self._step_samples = samples
         self._step_advantages = advantages
         self._gate_records = {}
-        self._log_rollout_metrics(samples, episodes, generation_seconds, reference_seconds, teacher_seconds)
+        self._log_rollout_metrics(samples, episodes, generation_seconds, reference_seconds, teacher_seconds, old_seconds)
         return batch
+
+    @property
+    def _reuses_rollout_batch(self) -> bool:
+        """True when one rollout batch feeds several optimizer updates (updates_per_rollout or epochs_per_rollout
+        > 1): then the weights move between updates and the ratio needs the rollout-time log-probs (TRL's rule)."""
+        return self.args.gradient_accumulation_steps % (self.args.steps_per_generation * self.num_iterations) != 0
 
     def _play_episodes(
         self, model: PreTrainedModel, task_ids: list[str], groups: list[int]
@@ -290,7 +317,10 @@ class SDARTrainer(GRPOTrainer):
         generation_seconds: float,
         reference_seconds: float,
         teacher_seconds: float,
+        old_seconds: float,
     ) -> None:
+        """Timings go to the log of the rollout's first update; the rollout's other metrics are repeated in
+        the log of every update trained on it (`_finish_step`), so each metrics line says what it learned from."""
         metrics = self._metrics["train"]
         # sums and counts over all processes (the step's episodes are split among them); seconds: the slowest
         (reward, won, turns, episode_count, env_errors, invalid, truncated, sample_count, response_tokens,
@@ -300,23 +330,26 @@ class SDARTrainer(GRPOTrainer):
             sum(s.truncated for s in samples), len(samples), sum(len(s.response_ids) for s in samples),
             sum(len(s.prompt_ids) for s in samples), self.renderer.truncated_prompts,
         ])
-        generation_seconds, reference_seconds, teacher_seconds = distributed.max_over_ranks(
-            [generation_seconds, reference_seconds, teacher_seconds]
+        generation_seconds, reference_seconds, teacher_seconds, old_seconds = distributed.max_over_ranks(
+            [generation_seconds, reference_seconds, teacher_seconds, old_seconds]
         )
-        metrics["reward_mean"].append(reward / episode_count)
-        metrics["success_rate"].append(won / episode_count)
-        metrics["episode_turns_mean"].append(turns / episode_count)
-        metrics["invalid_action_rate"].append(invalid / max(1, sample_count))
-        metrics["env_error_rate"].append(env_errors / episode_count)
-        metrics["truncated_response_rate"].append(truncated / max(1, sample_count))
-        metrics["turn_samples"].append(sample_count)
-        metrics["response_tokens"].append(response_tokens)
-        metrics["prompt_tokens"].append(prompt_tokens)
+        self._rollout_metrics = {
+            "reward_mean": reward / episode_count,
+            "success_rate": won / episode_count,
+            "episode_turns_mean": turns / episode_count,
+            "invalid_action_rate": invalid / max(1, sample_count),
+            "env_error_rate": env_errors / episode_count,
+            "truncated_response_rate": truncated / max(1, sample_count),
+            "turn_samples": sample_count,
+            "response_tokens": response_tokens,
+            "prompt_tokens": prompt_tokens,
+            "truncated_prompts": truncated_prompts,
+        }
         metrics["generation_seconds"].append(generation_seconds)
         metrics["reference_pass_seconds"].append(reference_seconds)
         metrics["teacher_pass_seconds"].append(teacher_seconds)
-        metrics["logprob_pass_seconds"].append(reference_seconds + teacher_seconds)
-        metrics["truncated_prompts"].append(truncated_prompts)
+        metrics["old_logprob_pass_seconds"].append(old_seconds)
+        metrics["logprob_pass_seconds"].append(reference_seconds + teacher_seconds + old_seconds)
 
     # -------------------------------------------------------------------------------------- loss
     def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any):
@@ -339,10 +372,10 @@ class SDARTrainer(GRPOTrainer):
             token_loss = sdar_token_loss(teacher_logps, student_logps, gate)
             if self.config.algorithm.sdar_aggregation == "token_mean":
                 normalizer = inputs["num_items_in_batch"].clamp(min=1) / self.accelerator.num_processes
-                sdar_loss = masked_token_sum(token_loss, mask) / normalizer
+                sdar_loss = masked_token_sum(token_loss, mask) / (normalizer * self._update_share)
             else:
                 normalizer = inputs["num_samples_in_batch"].clamp(min=1) / self.accelerator.num_processes
-                sdar_loss = masked_sequence_means(token_loss, mask).sum() / normalizer
+                sdar_loss = masked_sequence_means(token_loss, mask).sum() / (normalizer * self._update_share)
             loss = loss + self.sdar_coef * sdar_loss
             self._record_gates(inputs, student_logps, teacher_logps, gate)
         if not torch.isfinite(loss):
@@ -351,6 +384,14 @@ class SDARTrainer(GRPOTrainer):
             trainable = [p for p in model.parameters() if p.requires_grad]
             loss = sum(p.sum() for p in trainable) * 0.0 + loss.detach()
         return loss
+
+    @property
+    def _update_share(self) -> float:
+        """The share of the rollout batch one optimizer update trains on: 1 / updates_per_rollout in training
+        (the batch-wide counts num_items_in_batch / num_samples_in_batch are scaled by it, as TRL's dapo is)."""
+        if not self.model.training:
+            return 1.0
+        return self.current_gradient_accumulation_steps / self.args.steps_per_generation
 
     def _record_gates(self, inputs, student_logps, teacher_logps, gate) -> None:
         lengths = inputs["completion_mask"].sum(-1).tolist()
@@ -379,6 +420,8 @@ class SDARTrainer(GRPOTrainer):
         process writes every rank's gate records.
         """
         metrics = self._metrics["train"]
+        for name, value in self._rollout_metrics.items():
+            metrics[name].append(value)
         step = self.state.global_step + 1
         self._nonfinite_this_step = distributed.any_rank(self._nonfinite_this_step)
         if self._nonfinite_this_step:
@@ -404,6 +447,7 @@ class SDARTrainer(GRPOTrainer):
             rows = distributed.gather_to_main(self._gate_rows(step))
             if self.accelerator.is_main_process and count:
                 self._write_gates(step, [row for rank_rows in rows for row in rank_rows])
+        self._gate_records = {}  # each update records (and writes) the gates of the samples it trained on
 
     def _gate_rows(self, step: int) -> list[dict[str, Any]]:
         """This process's gate records of the step, one JSON-ready row per turn-sample."""

@@ -1,0 +1,124 @@
+"""The update schedule: several optimizer updates per rollout batch, the PPO ratio, clipping and dual-clip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_trainer, task_inputs, tiny_config
+
+from sdar_cli.config import ConfigError, load_config
+from sdar_cli.trainer import grpo_args
+
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
+
+
+def test_grpo_args_split_a_rollout_into_updates_of_micro_batches(tmp_path):
+    config = load_config(
+        None,
+        ["rollout.tasks_per_step=4", "rollout.group_size=4", "train.micro_batches=2", "train.updates_per_rollout=4",
+         "train.epochs_per_rollout=2"],
+    )
+    args = grpo_args(config, tmp_path, use_cpu=True, bf16=False)
+    assert args.gradient_accumulation_steps == 2
+    assert args.steps_per_generation == 8
+    assert args.num_iterations == 2
+    assert args.per_device_train_batch_size * args.steps_per_generation == 16  # one rollout batch of episodes
+    assert args.delta == 3.0
+
+
+def test_updates_times_micro_batches_must_divide_the_episodes():
+    with pytest.raises(ConfigError, match=r"updates_per_rollout x train.micro_batches \(8\) must divide .* \(4\)"):
+        load_config(None, ["rollout.tasks_per_step=2", "rollout.group_size=2", "train.updates_per_rollout=4",
+                           "train.micro_batches=2"])
+
+
+def test_dual_clip_must_exceed_the_clip_range():
+    with pytest.raises(ConfigError, match=r"dual_clip \(1.1\) must exceed 1 \+ algorithm.clip_eps"):
+        load_config(None, ["algorithm.dual_clip=1.1"])
+    assert load_config(None, ["algorithm.dual_clip=null"]).algorithm.dual_clip is None
+
+
+def _student_logps(trainer, batch):
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model,
+            torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1),
+            torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1),
+            batch["completion_ids"].size(1),
+        )
+    return logps
+
+
+def test_a_rollout_split_into_two_updates_steps_twice_and_the_ratio_moves(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    config = tiny_config(
+        tiny_model_dir, run_dir, "train.updates_per_rollout=2", "train.max_steps=2", "train.learning_rate=0.05",
+        "algorithm.name=sdar", "output.save_gates=false",
+    )
+    trainer, _ = build_trainer(config, run_dir)
+    rollouts, ratios, optimizer_steps = [], [], []
+    generate, compute_loss = trainer._generate_and_score_completions, trainer._compute_loss
+
+    def counting_rollout(inputs):
+        batch = generate(inputs)
+        rollouts.append(batch)
+        return batch
+
+    def recording_loss(model, inputs):
+        loss = compute_loss(model, inputs)
+        real = inputs["completion_mask"].bool()
+        student = _student_logps(trainer, inputs)
+        ratios.append(torch.exp(student - inputs["old_per_token_logps"])[real])
+        return loss
+
+    trainer._generate_and_score_completions = counting_rollout
+    trainer._compute_loss = recording_loss
+    trainer.add_callback(type("Steps", (__import__("transformers").TrainerCallback,), {
+        "on_optimizer_step": lambda self, args, state, control, **kw: optimizer_steps.append(state.global_step)
+    })())
+    trainer.train()
+
+    assert len(rollouts) == 1, "one rollout batch feeds both updates"
+    assert len(optimizer_steps) == 2 and trainer.state.global_step == 2
+    assert "old_per_token_logps" in rollouts[0]
+    first, second = ratios
+    assert (first - 1).abs().max() < 1e-4  # the first update starts at the rollout policy
+    assert (second - 1).abs().max() > 1e-3  # the second sees the weights the first moved
+    # every real sample trained exactly once over the two updates (padding rows carry no tokens)
+    assert sum(r.numel() for r in ratios) == int(rollouts[0]["completion_mask"].sum())
+
+
+def _clip_batch(tiny_model_dir, tmp_path, *overrides):
+    config = tiny_config(
+        tiny_model_dir, tmp_path / "run", "algorithm.name=grpo", "algorithm.kl_coef=0", "algorithm.entropy_coef=0",
+        *overrides,
+    )
+    trainer, _ = build_trainer(config, tmp_path / "run")
+    batch = trainer._generate_and_score_completions(task_inputs(config))
+    rows = batch["advantages"].numel()
+    batch["advantages"] = torch.tensor([1.0 if i % 2 else -2.0 for i in range(rows)])
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    student = _student_logps(trainer, batch)
+    batch["old_per_token_logps"] = student - 1.5  # ratio e^1.5 = 4.48 on every token
+    return trainer, batch
+
+
+@pytest.mark.parametrize("dual_clip", [3.0, None])
+def test_clipping_acts_and_dual_clip_bounds_the_loss_of_negative_advantages(tiny_model_dir, tmp_path, dual_clip):
+    trainer, batch = _clip_batch(tiny_model_dir, tmp_path, f"algorithm.dual_clip={'null' if dual_clip is None else dual_clip}")
+    loss = trainer._compute_loss(trainer.model, batch)
+
+    # hand computation, per token: A > 0 -> -min(r A, 1.2 A) = -1.2 A;
+    # A < 0 -> max(-r A, -clip(r) A) = 4.48 |A|, capped by dual-clip at c |A| = 3 |A|
+    ratio = torch.exp(torch.tensor(1.5))
+    cap = ratio if dual_clip is None else torch.tensor(dual_clip)
+    mask = batch["completion_mask"].float()
+    advantages = batch["advantages"].unsqueeze(1)
+    per_token = torch.where(advantages > 0, -1.2 * advantages, torch.minimum(ratio, cap) * advantages.abs())
+    expected = (per_token * mask).sum() / mask.sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    metrics = trainer._metrics["train"]
+    positive_share = (mask * (advantages > 0)).sum() / mask.sum()
+    assert metrics["clip_ratio/high_mean"][-1] == pytest.approx(positive_share.item(), rel=1e-5)
+    assert metrics["clip_ratio/high_mean"][-1] > 0
