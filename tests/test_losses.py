@@ -72,3 +72,15 @@ def test_masked_aggregations():
     mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     assert masked_token_sum(values, mask).item() == 3.0
     assert masked_sequence_means(values, mask).tolist() == [1.5, 0.0]
+
+
+def test_clamped_k3_kl_matches_hand_values_and_plain_gradient():
+    from sdar_cli.losses import clamped_k3_kl
+
+    reference = torch.tensor([0.0, 0.0, 0.0])
+    logps = torch.tensor([-1.0, 0.0, -5.0], requires_grad=True)  # R - S = 1, 0, 5
+    kl = clamped_k3_kl(reference, logps)
+    assert kl.tolist() == pytest.approx([math.e - 2, 0.0, 10.0])  # e^5 - 6 = 142.4 is clamped to 10
+    kl.sum().backward()
+    # d/dS (e^(R-S) - (R-S) - 1) = 1 - e^(R-S); the clamped token gives no gradient
+    assert logps.grad.tolist() == pytest.approx([1 - math.e, 0.0, 0.0])

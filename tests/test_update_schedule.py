@@ -122,3 +122,60 @@ def test_clipping_acts_and_dual_clip_bounds_the_loss_of_negative_advantages(tiny
     positive_share = (mask * (advantages > 0)).sum() / mask.sum()
     assert metrics["clip_ratio/high_mean"][-1] == pytest.approx(positive_share.item(), rel=1e-5)
     assert metrics["clip_ratio/high_mean"][-1] > 0
+
+
+def _lora_gradient(trainer, loss):
+    trainer.model.zero_grad()
+    loss.backward()
+    return torch.cat([p.grad.flatten() for n, p in trainer.model.named_parameters() if p.grad is not None])
+
+
+def test_official_kl_is_clamped_k3_with_the_plain_gradient_and_trl_bias_correction_is_an_option(tiny_model_dir, tmp_path):
+    results = {}
+    for estimator in ("k3", "k3_bias_corrected"):
+        config = tiny_config(
+            tiny_model_dir, tmp_path / estimator, "algorithm.name=grpo", "algorithm.kl_coef=1.0",
+            "algorithm.entropy_coef=0", f"algorithm.kl_estimator={estimator}",
+        )
+        trainer, _ = build_trainer(config, tmp_path / estimator)
+        torch.manual_seed(0)
+        batch = trainer._generate_and_score_completions(task_inputs(config))
+        batch["advantages"] = torch.zeros_like(batch["advantages"])  # the KL term alone
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1
+        student = _student_logps(trainer, batch)
+        offsets = torch.ones_like(student)
+        offsets[:, ::2] = 5.0  # R - S = 5 on every other token: k3 = 142.4, clamped to 10 by the official form
+        batch["ref_per_token_logps"] = student + offsets
+        loss = trainer._compute_loss(trainer.model, batch)
+        results[estimator] = (loss.item(), _lora_gradient(trainer, loss), trainer, batch, offsets)
+
+    _, _, trainer, batch, offsets = results["k3"]
+    mask = batch["completion_mask"].float()
+    k3 = torch.exp(offsets) - offsets - 1
+    assert results["k3"][0] == pytest.approx(((k3.clamp(max=10) * mask).sum() / mask.sum()).item(), rel=1e-5)
+    assert results["k3_bias_corrected"][0] == pytest.approx(((k3 * mask).sum() / mask.sum()).item(), rel=1e-5)
+    # plain gradient: the surrogate mean((1 - e^(R-S)) * S) over unclamped tokens has the same gradient
+    prompt_completion = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    live, _, _ = trainer._get_per_token_logps_and_entropies(
+        trainer.model, prompt_completion, attention, batch["completion_ids"].size(1)
+    )
+    weight = torch.where(k3 > 10, torch.zeros_like(k3), 1 - torch.exp(offsets))
+    surrogate = (weight * live * mask).sum() / mask.sum()
+    assert torch.allclose(_lora_gradient(trainer, surrogate), results["k3"][1], atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(results["k3"][1], results["k3_bias_corrected"][1], atol=1e-6, rtol=1e-3)
+
+
+def test_aggregation_scope_update_token_mean_or_official_micro_batch_token_mean(tiny_model_dir, tmp_path):
+    config = tiny_config(tiny_model_dir, tmp_path / "run", "train.micro_batches=2")
+    trainer, _ = build_trainer(config, tmp_path / "run")
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    values = torch.tensor([[1.0, 2.0, 0.0], [3.0, 4.0, 5.0]])
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])  # this micro-batch: 4 of the update's 10 tokens
+    inputs = {"num_items_in_batch": torch.tensor(10.0)}
+    total = 1.0 + 3.0 + 4.0 + 5.0
+    assert trainer._aggregate(values, mask, inputs, "dapo").item() == pytest.approx(total / 10)
+    assert trainer._aggregate(values, mask, inputs, "bnpo").item() == pytest.approx(total / 4 / 2)
+    assert trainer._aggregate(values, mask, inputs, "grpo").item() == pytest.approx((1.0 + 12.0 / 3) / 2 / 2)

@@ -125,6 +125,11 @@ class AlgorithmSettings(_Section):
     sdar_coef: float = Field(0.01, ge=0.0, description="lambda: weight of the SDAR term")
     gate_beta: float = Field(5.0, ge=0.0, description="beta: sharpness of the sigmoid gate")
     kl_coef: float = Field(0.01, ge=0.0, description="weight of KL(actor || reference), k3 estimator")
+    kl_estimator: Literal["k3", "k3_bias_corrected"] = Field(
+        "k3",
+        description="k3: the official k3 clamped to +-10 with its plain gradient; k3_bias_corrected: TRL's "
+        "default, k3 times the ratio pi/pi_old (unbiased reverse-KL gradient)",
+    )
     entropy_coef: float = Field(0.001, ge=0.0, description="entropy bonus weight")
     clip_eps: float = Field(0.2, gt=0.0, description="PPO clip range")
     dual_clip: float | None = Field(
@@ -133,7 +138,10 @@ class AlgorithmSettings(_Section):
         "must exceed 1 + clip_eps",
     )
     loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"] = Field(
-        "dapo", description="TRL loss aggregation; dapo = token-mean over the rollout batch (the official one)"
+        "dapo",
+        description="TRL loss aggregation, also used by the KL and SDAR terms; dapo: token-mean over each update's "
+        "tokens (a token's weight does not depend on train.micro_batches); bnpo: token-mean per micro-batch, "
+        "averaged over the micro-batches (the official verl token-mean)",
     )
     advantage_norm: Literal["group", "episode"] = Field(
         "group", description="group: over all turn-samples of the group (official); episode: over episode rewards"

@@ -91,3 +91,16 @@ def masked_token_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def masked_sequence_means(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-row mean over masked tokens; rows with no tokens give 0."""
     return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+def clamped_k3_kl(reference_logps: torch.Tensor, logps: torch.Tensor, bound: float = 10.0) -> torch.Tensor:
+    """The official KL penalty per token (verl's "low_var_kl"), with its plain gradient:
+
+        x_t = clamp(R_t - S_t, -20, 20),   kl_t = clamp(exp(x_t) - x_t - 1, -bound, bound)
+
+    R = reference log-prob (no gradient), S = current log-prob. Where kl_t is not clamped its gradient is
+    (1 - exp(x_t)) dS_t; TRL's default instead multiplies kl_t by the ratio exp(S - S_old) (bias correction),
+    which adds kl_t * dS_t.
+    """
+    log_ratio = (reference_logps.detach() - logps).clamp(-20.0, 20.0)
+    return (torch.exp(log_ratio) - log_ratio - 1).clamp(-bound, bound)

@@ -40,6 +40,7 @@ from .config import RunConfig
 from .cpu_scoring import score_only_labelled_positions_on_cpu
 from .envs.base import Environment
 from .losses import (
+    clamped_k3_kl,
     episode_advantages,
     group_advantages,
     masked_sequence_means,
@@ -99,6 +100,7 @@ def grpo_args(config: RunConfig, run_dir: Path, use_cpu: bool, bf16: bool) -> GR
         temperature=rollout.temperature,
         top_p=rollout.top_p,
         beta=algorithm.kl_coef,
+        use_bias_correction_kl=algorithm.kl_estimator == "k3_bias_corrected",
         epsilon=algorithm.clip_eps,
         delta=algorithm.dual_clip,
         loss_type=algorithm.loss_type,
@@ -359,20 +361,33 @@ class SDARTrainer(GRPOTrainer):
         return result
 
     def _compute_loss(self, model, inputs):
+        # the official KL (clamped k3, plain gradient) is added below, so TRL's own KL term is switched off
+        official_kl = self.beta != 0.0 and self.config.algorithm.kl_estimator == "k3"
+        kl_coef = self.beta
         self._capture_student = True
+        if official_kl:
+            self.beta = 0.0
         try:
             loss = super()._compute_loss(model, inputs)
         finally:
             self._capture_student = False
+            self.beta = kl_coef
         student_logps, self._captured_student_logps = self._captured_student_logps, None
+        if official_kl:
+            per_token_kl = clamped_k3_kl(inputs["ref_per_token_logps"], student_logps)
+            mask = inputs["completion_mask"].to(student_logps.dtype)
+            loss = loss + kl_coef * self._aggregate(per_token_kl, mask, inputs, self.loss_type)
+            mode = "train" if self.model.training else "eval"
+            totals = self.accelerator.reduce(torch.stack([masked_token_sum(per_token_kl.detach(), mask), mask.sum()]))
+            self._metrics[mode]["kl"].append((totals[0] / totals[1].clamp(min=1.0)).item())
         if self.with_teacher:
             mask = inputs["completion_mask"].to(student_logps.dtype)
             teacher_logps = inputs["teacher_per_token_logps"]
             gate = sdar_gate(teacher_logps, student_logps, self.gate_beta)
             token_loss = sdar_token_loss(teacher_logps, student_logps, gate)
             if self.config.algorithm.sdar_aggregation == "token_mean":
-                normalizer = inputs["num_items_in_batch"].clamp(min=1) / self.accelerator.num_processes
-                sdar_loss = masked_token_sum(token_loss, mask) / (normalizer * self._update_share)
+                scope = "bnpo" if self.loss_type == "bnpo" else "dapo"  # the policy loss's token-mean scope
+                sdar_loss = self._aggregate(token_loss, mask, inputs, scope)
             else:
                 normalizer = inputs["num_samples_in_batch"].clamp(min=1) / self.accelerator.num_processes
                 sdar_loss = masked_sequence_means(token_loss, mask).sum() / (normalizer * self._update_share)
@@ -384,6 +399,23 @@ class SDARTrainer(GRPOTrainer):
             trainable = [p for p in model.parameters() if p.requires_grad]
             loss = sum(p.sum() for p in trainable) * 0.0 + loss.detach()
         return loss
+
+    def _aggregate(self, values: torch.Tensor, mask: torch.Tensor, inputs, loss_type: str) -> torch.Tensor:
+        """A per-token term reduced the way TRL's `loss_type` reduces the policy loss, gradient accumulation
+        included: dapo/cispo token-mean over the update, bnpo token-mean per micro-batch, grpo/sapo
+        sequence-mean, dr_grpo token-sum over rows x max_completion_length."""
+        accumulation = self.current_gradient_accumulation_steps if self.model.training else 1.0
+        total = masked_token_sum(values, mask)
+        if loss_type in ("dapo", "cispo"):
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            return total / (normalizer * self._update_share)
+        if loss_type == "bnpo":
+            return total / mask.sum().clamp(min=1.0) / accumulation
+        if loss_type in ("grpo", "sapo"):
+            return masked_sequence_means(values, mask).mean() / accumulation
+        if loss_type == "dr_grpo":
+            return total / (values.size(0) * self.max_completion_length) / accumulation
+        raise ValueError(f"no aggregation rule for loss_type {loss_type!r}")
 
     @property
     def _update_share(self) -> float:
