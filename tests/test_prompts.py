@@ -67,3 +67,19 @@ def test_unknown_template_placeholder_is_named():
     with pytest.raises(ValueError, match="obsrvation"):
         check_template("{task} {obsrvation}")
     check_template("{task} {history} {step} {observation} {actions} {{literal}}")
+
+
+def test_judge_action_admissible_or_format_mode():
+    from sdar_cli.prompts import judge_action
+
+    admissible = ["go to kitchen", "open fridge"]
+    text = "<think>hm</think><action>fly away</action>"
+    # admissible: an inadmissible action is invalid and never reaches the environment
+    assert judge_action("fly away", admissible, text, "admissible") == (False, False)
+    assert judge_action("go to kitchen", admissible, text, "admissible") == (True, True)
+    # format: the same inadmissible action is valid and sent; only a format fault is invalid
+    assert judge_action("fly away", admissible, text, "format") == (True, True)
+    assert judge_action(None, admissible, "no tags", "format") == (False, False)
+    think = ["<think>", "</think>"]
+    assert judge_action("fly away", admissible, text, "format", think) == (True, True)
+    assert judge_action("fly away", admissible, "<action>fly away</action>", "format", think) == (False, True)

@@ -242,3 +242,44 @@ def test_a_bad_metric_fails_its_episode_and_a_failed_start_still_gets_the_defaul
                                     expert_policy(tokenizer, RecordingEnv.created), renderer, 15)
     assert ok.won and ok.metrics["plan_steps_left"] == 0.0
     assert broken.env_error == "RuntimeError: no engine" and broken.metrics == {"plan_steps_left": -1.0}
+
+
+class ActionLogEnv(RecordingEnv):
+    def step(self, action):
+        self.actions = [*getattr(self, "actions", []), action]
+        return super().step(action)
+
+
+def inadmissible_first_policy(tokenizer, envs):
+    calls = {"n": 0}
+
+    def policy(prompts):
+        active = [env for env in envs if not env.last.done][: len(prompts)]
+        turn, calls["n"] = calls["n"], calls["n"] + 1
+        action = "fly to the moon" if turn == 0 else env_plan(active)
+        return [char_by_char(tokenizer, f"<think>x</think><action>{action}</action>") + [tokenizer.eos_token_id]
+                for _ in active]
+
+    def env_plan(active):
+        return active[0].expert_plan()[0]
+
+    return policy
+
+
+@pytest.mark.parametrize("mode", ["admissible", "format"])
+def test_invalid_action_mode_decides_the_penalty_and_what_reaches_the_environment(tokenizer, mode):
+    RecordingEnv.created = []
+    renderer = TurnRenderer(tokenizer, RolloutSettings(invalid_action=mode), TeacherSettings())
+    samples, episodes = play_episodes(
+        ["train-00001"], [0], ActionLogEnv, inadmissible_first_policy(tokenizer, RecordingEnv.created), renderer, 15
+    )
+    env, first, second = RecordingEnv.created[0], samples[0], samples[1]
+    assert episodes[0].won
+    if mode == "admissible":
+        assert not first.valid and first.reward == pytest.approx(10.0 - 0.1)
+        assert "fly to the moon" not in env.actions  # never sent
+        assert INVALID_ACTION_NOTE in tokenizer.decode(second.prompt_ids)
+    else:
+        assert first.valid and first.reward == 10.0 and episodes[0].invalid_actions == 0
+        assert env.actions[0] == "fly to the moon"  # sent; the environment answers for itself
+        assert "Nothing happens." in tokenizer.decode(second.prompt_ids)

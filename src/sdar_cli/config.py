@@ -82,6 +82,17 @@ class RolloutSettings(_Section):
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     invalid_action_penalty: float = Field(0.1, ge=0.0, description="subtracted from an invalid turn's reward")
+    invalid_action: Literal["admissible", "format"] = Field(
+        "admissible",
+        description="admissible: an action is invalid unless it parses and is admissible, and an invalid one is not "
+        "sent to the environment; format (official ALFWorld/WebShop): invalid only by format (no action parsed, or a "
+        "string of format_requires missing), and every parsed action is sent to the environment",
+    )
+    format_requires: list[str] = Field(
+        default_factory=list,
+        description="with invalid_action: format, strings a valid response must contain, e.g. ['<think>', '</think>'] "
+        "(the official ALFWorld/WebShop check)",
+    )
     action_pattern: str = Field(r"<action>(.*?)</action>", description="regex whose group 1 is the action")
     stop_strings: list[str] = Field(
         default_factory=lambda: ["</action>"], description="generation of a turn stops after any of these"

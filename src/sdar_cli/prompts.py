@@ -100,6 +100,26 @@ def is_valid_action(action: str | None, admissible_actions: Sequence[str]) -> bo
     return any(_admits(candidate, action) for candidate in admissible_actions)
 
 
+def judge_action(
+    action: str | None,
+    admissible_actions: Sequence[str],
+    response_text: str,
+    mode: str,
+    format_requires: Sequence[str] = (),
+) -> tuple[bool, bool]:
+    """(valid, sent): whether the turn counts as valid (no penalty) and whether its action goes to the environment.
+
+    mode "admissible": valid = parsed and admissible (`is_valid_action`); only valid actions are sent.
+    mode "format" (official ALFWorld/WebShop): valid = parsed and every string of `format_requires` is in the
+    response; every parsed action is sent, admissible or not (the environment answers e.g. "Nothing happens.").
+    """
+    if mode == "admissible":
+        valid = is_valid_action(action, admissible_actions)
+        return valid, valid
+    sent = action is not None
+    return sent and all(required in response_text for required in format_requires), sent
+
+
 def _admits(candidate: str, action: str) -> bool:
     parts = re.split(r"<[^<>]+>", candidate)
     if len(parts) == 1:

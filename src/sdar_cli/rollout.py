@@ -25,7 +25,7 @@ from .skills import SkillBank, render_skills
 from .prompts import (
     DEFAULT_PROMPT_TEMPLATE,
     canonical_action,
-    is_valid_action,
+    judge_action,
     parse_action,
     render_user_message,
 )
@@ -241,8 +241,9 @@ def play_episodes(
     """Play one episode per entry of `task_ids` (entry i belongs to group `groups[i]`), all batched.
 
     Rewards: every turn-sample of an episode gets the episode's outcome reward (the sum of the
-    environment's rewards), minus `invalid_action_penalty` on a turn whose action was invalid. An
-    invalid action does not reach the environment; the episode goes on. An exception raised by the
+    environment's rewards), minus `invalid_action_penalty` on a turn whose action was invalid.
+    `rollout.invalid_action` says what is invalid and what reaches the environment (`judge_action`);
+    an action that is not sent changes nothing and the episode goes on. An exception raised by the
     environment ends that episode as failed (`env_error`), never the batch; so does an observation whose
     text, admissible actions or reward is not what the protocol promises, and a reset or step that runs
     past its timeout (`timeouts`; None waits as long as the call takes).
@@ -377,7 +378,9 @@ def _play_turns(
             observation = state.observation
             text = rollout.response_prefix + renderer.tokenizer.decode(response, skip_special_tokens=True)
             action = parse_action(text, pattern)
-            valid = is_valid_action(action, observation.admissible_actions)
+            valid, sent = judge_action(
+                action, observation.admissible_actions, text, rollout.invalid_action, rollout.format_requires
+            )
             privileged = renderer.privileged_context(state.task, observation.privileged)
             sample = TurnSample(
                 task_id=state.result.task_id,
@@ -396,7 +399,7 @@ def _play_turns(
             samples.append(sample)
             episode_samples.setdefault(state.result.episode, []).append(sample)
             state.result.turns += 1
-            moves.append((state, action, valid))
+            moves.append((state, action, valid, sent))
         for future in [pool.submit(_advance, *move, step_timeout) for move in moves]:
             future.result()
     penalty = rollout.invalid_action_penalty
@@ -406,10 +409,13 @@ def _play_turns(
     return samples
 
 
-def _advance(state: _EpisodeState, action: str | None, valid: bool, timeout: float | None = None) -> None:
+def _advance(
+    state: _EpisodeState, action: str | None, valid: bool, sent: bool, timeout: float | None = None
+) -> None:
     observation = state.observation
     if not valid:
         state.result.invalid_actions += 1
+    if not sent:
         state.history.append((observation.text, action or "(no action)"))
         state.last_action_invalid = True
         return

@@ -537,7 +537,12 @@ class ALFWorldEnv(Environment):
     """
 
     max_turns: int = 50
-    rollout_defaults: ClassVar[dict[str, Any]] = {**TEXT_GAME_ROLLOUT_DEFAULTS, "prompt_template": PROMPT_TEMPLATE}
+    rollout_defaults: ClassVar[dict[str, Any]] = {
+        **TEXT_GAME_ROLLOUT_DEFAULTS,
+        # official: invalid only by format, and every parsed action is played ("Nothing happens." if inadmissible)
+        "invalid_action": "format",
+        "prompt_template": PROMPT_TEMPLATE,
+    }
     skill_bank: ClassVar[str | None] = "alfworld"
 
     def __init__(self, data_path: str | None = None, generate: dict | None = None, cache_dir: str | None = None,

@@ -434,6 +434,8 @@ class WebShopEnv(Environment):
         "max_new_tokens": 512,
         "max_prompt_tokens": 4096,
         "invalid_action_penalty": 0.1,
+        # official: invalid only by format, and every parsed action is played ("Nothing happens." if inadmissible)
+        "invalid_action": "format",
         "action_pattern": r"<action>(.*?)</action>",
         "stop_strings": ["</action>"],
         "prompt_template": PROMPT_TEMPLATE,
