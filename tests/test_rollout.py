@@ -283,3 +283,36 @@ def test_invalid_action_mode_decides_the_penalty_and_what_reaches_the_environmen
         assert first.valid and first.reward == 10.0 and episodes[0].invalid_actions == 0
         assert env.actions[0] == "fly to the moon"  # sent; the environment answers for itself
         assert "Nothing happens." in tokenizer.decode(second.prompt_ids)
+
+
+def test_a_long_prompt_drops_the_oldest_history_first_for_student_and_teacher_alike(tokenizer):
+    env = HouseholdEnv()
+    task, observation = env.reset("train-00003")
+    history = [(f"observation number {i} " * 3, f"action {i}") for i in range(4)]
+    args = (task, history, observation.text, observation.admissible_actions)
+
+    def lengths(renderer, prefix=()):
+        return [len(list(prefix) + renderer.encode(renderer.student_prompt_text(*args, window=w))) for w in (2, 1, 0)]
+
+    full, one, none = lengths(TurnRenderer(tokenizer, RolloutSettings(history_turns=2), TeacherSettings()))
+    renderer = TurnRenderer(tokenizer, RolloutSettings(history_turns=2, max_prompt_tokens=one), TeacherSettings())
+    privileged = "use the fridge " * 4
+    prefix = renderer.teacher_prefix_ids(privileged)
+    student, teacher = renderer.turn_prompt_ids(*args, privileged)
+    # the student keeps the newest pair (window 1): the template head and the task are whole
+    assert student == renderer.encode(renderer.student_prompt_text(*args, window=1))
+    assert tokenizer.decode(student).startswith("<|im_start|>user\n") and task.description in tokenizer.decode(student)
+    assert "action 3" in tokenizer.decode(student) and "action 2" not in tokenizer.decode(student)
+    # the teacher, longer by its prefix, drops history by the same rule until it fits too
+    assert teacher[: len(prefix)] == prefix and len(teacher) <= one
+    fitting = [w for w in (2, 1, 0) if lengths(renderer, prefix)[(2, 1, 0).index(w)] <= one][0]
+    assert teacher == prefix + renderer.encode(renderer.student_prompt_text(*args, window=fitting))
+    assert renderer.truncated_prompts == 1  # one turn shortened
+
+    # too long even without history: head and tail are kept, the middle is cut
+    tight = TurnRenderer(tokenizer, RolloutSettings(history_turns=2, max_prompt_tokens=none - 10), TeacherSettings())
+    cut, _ = tight.turn_prompt_ids(*args)
+    whole = tight.encode(tight.student_prompt_text(*args, window=0))
+    head = (none - 10) // 2
+    assert len(cut) == none - 10 and cut[:head] == whole[:head] and cut[head:] == whole[-(none - 10 - head):]
+    assert full > one > none

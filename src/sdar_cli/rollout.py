@@ -105,11 +105,16 @@ class TurnRenderer:
         self._skills_lock = threading.Lock()
 
     def student_prompt_text(
-        self, task: Task, history: Sequence[tuple[str, str]], observation_text: str, admissible_actions: list[str]
+        self,
+        task: Task,
+        history: Sequence[tuple[str, str]],
+        observation_text: str,
+        admissible_actions: list[str],
+        window: int | None = None,
     ) -> str:
-        user = render_user_message(
-            self.template, task.description, history, self.rollout.history_turns, observation_text, admissible_actions
-        )
+        """The templated student prompt showing the last `window` history pairs (default rollout.history_turns)."""
+        window = self.rollout.history_turns if window is None else window
+        user = render_user_message(self.template, task.description, history, window, observation_text, admissible_actions)
         messages = [{"role": "user", "content": user}]
         if self.rollout.system_prompt is not None:
             messages.insert(0, {"role": "system", "content": self.rollout.system_prompt})
@@ -117,12 +122,42 @@ class TurnRenderer:
         return text + self.rollout.response_prefix
 
     def encode(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def turn_prompt_ids(
+        self,
+        task: Task,
+        history: Sequence[tuple[str, str]],
+        observation_text: str,
+        admissible_actions: list[str],
+        privileged: str = "",
+    ) -> tuple[list[int], list[int]]:
+        """The student and teacher prompt ids of a turn, each within rollout.max_prompt_tokens by one rule.
+
+        The teacher's is the privileged prefix then a student prompt. A prompt too long drops the oldest
+        history pairs first (the chat template's head, the task and the current observation stay); if it is
+        still too long without history, its middle is cut, keeping its head (template, task, prefix) and its
+        tail (instructions and the generation prompt). `truncated_prompts` counts the turns shortened.
+        """
+        student, cut_student = self._fitted(task, history, observation_text, admissible_actions, [])
+        teacher, cut_teacher = self._fitted(
+            task, history, observation_text, admissible_actions, self.teacher_prefix_ids(privileged)
+        )
+        if cut_student or cut_teacher:
+            with self._skills_lock:
+                self.truncated_prompts += 1
+        return student, teacher
+
+    def _fitted(self, task, history, observation_text, admissible_actions, prefix_ids) -> tuple[list[int], bool]:
         limit = self.rollout.max_prompt_tokens
-        if len(ids) > limit:
-            self.truncated_prompts += 1
-            ids = ids[-limit:]
-        return ids
+        widest = min(self.rollout.history_turns, len(history))
+        for window in range(widest, -1, -1):
+            text = self.student_prompt_text(task, history, observation_text, admissible_actions, window)
+            ids = prefix_ids + self.encode(text)
+            if len(ids) <= limit:
+                return ids, window < widest
+        head = limit // 2
+        return ids[:head] + ids[len(ids) - (limit - head) :], True
 
     def skills_text(self, task: Task) -> str:
         """The task's retrieved skills, rendered (the same for every turn of the task: computed once)."""
@@ -367,21 +402,23 @@ def _play_turns(
         active = [state for state in episodes if not state.done]
         if not active:
             break
-        prompt_texts = [
-            renderer.student_prompt_text(s.task, s.history, s.shown_observation(), s.observation.admissible_actions)
-            for s in active
+        privileged_texts = [renderer.privileged_context(s.task, s.observation.privileged) for s in active]
+        turn_prompts = [
+            renderer.turn_prompt_ids(
+                s.task, s.history, s.shown_observation(), s.observation.admissible_actions, privileged
+            )
+            for s, privileged in zip(active, privileged_texts)
         ]
-        prompt_ids = [renderer.encode(text) for text in prompt_texts]
+        prompt_ids = [student for student, _ in turn_prompts]
         responses = policy(prompt_ids)
         moves = []
-        for state, prompt, response in zip(active, prompt_ids, responses):
+        for state, (prompt, teacher_prompt), privileged, response in zip(active, turn_prompts, privileged_texts, responses):
             observation = state.observation
             text = rollout.response_prefix + renderer.tokenizer.decode(response, skip_special_tokens=True)
             action = parse_action(text, pattern)
             valid, sent = judge_action(
                 action, observation.admissible_actions, text, rollout.invalid_action, rollout.format_requires
             )
-            privileged = renderer.privileged_context(state.task, observation.privileged)
             sample = TurnSample(
                 task_id=state.result.task_id,
                 task_type=state.result.task_type,
@@ -389,7 +426,7 @@ def _play_turns(
                 episode=state.result.episode,
                 turn=turn,
                 prompt_ids=prompt,
-                teacher_prompt_ids=renderer.teacher_prefix_ids(privileged) + prompt,
+                teacher_prompt_ids=teacher_prompt,
                 response_ids=list(response),
                 action=action,
                 valid=valid,

@@ -180,6 +180,7 @@ class SDARTrainer(GRPOTrainer):
         self._first_episode = self._episodes_played + self.accelerator.process_index * len(task_ids)
         groups = [(self._first_episode + i) // group_size for i in range(len(task_ids))]
         model = self.accelerator.unwrap_model(self.model)
+        self.renderer.truncated_prompts = 0  # counted per rollout
 
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             was_training = model.training

@@ -76,9 +76,7 @@ def collect_demonstrations(
                             "None at the start of an episode); `sdar warmup` needs an environment with an expert."
                         )
                     break
-                prompt = renderer.encode(
-                    renderer.student_prompt_text(task, history, observation.text, observation.admissible_actions)
-                )
+                prompt, _ = renderer.turn_prompt_ids(task, history, observation.text, observation.admissible_actions)
                 response = tokenizer(demonstration_response(config, action), add_special_tokens=False)["input_ids"]
                 response = response + [eos]
                 rows.append({"input_ids": prompt + response, "completion_mask": [0] * len(prompt) + [1] * len(response)})
