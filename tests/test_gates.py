@@ -278,3 +278,24 @@ def test_fresh_gates_of_a_checkpoint(tiny_run_dir, tmp_path):
     for r in records:
         for s, t, g in zip(r["s"], r["t"], r["g"]):
             assert g == pytest.approx(1 / (1 + math.exp(-BETA * (t - s))), abs=1e-3)
+
+
+def test_fresh_gates_score_with_the_training_head_at_the_rollout_temperature(tiny_model_dir, tmp_path):
+    from conftest import build_trainer, task_inputs, tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from sdar_cli.gate_probe import response_logps
+
+    config = tiny_config(tiny_model_dir, tmp_path / "run", "rollout.temperature=0.7")
+    trainer, _ = build_trainer(config, tmp_path / "run")
+    batch = trainer._generate_and_score_completions(task_inputs(config))
+    rows = [i for i in range(batch["sample_index"].numel()) if batch["sample_index"][i] >= 0]
+    prompts = [batch["prompt_ids"][i][batch["prompt_mask"][i].bool()].tolist() for i in rows]
+    responses = [batch["completion_ids"][i][batch["completion_mask"][i].bool()].tolist() for i in rows]
+    training = [batch["ref_per_token_logps"][i][: len(r)].tolist() for i, r in zip(rows, responses)]  # adapter off
+
+    for temperature, equal in ((0.7, True), (1.0, False)):
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        probed = response_logps(base, prompts, responses, trainer.processing_class.pad_token_id, 3, temperature)
+        same = all(p == pytest.approx(t, abs=1e-4) for p, t in zip(probed, training))
+        assert same == equal
