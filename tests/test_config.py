@@ -35,7 +35,7 @@ def test_unknown_key_names_the_closest_valid_one(tmp_path):
 def test_wrong_type_or_value_names_the_key_path():
     with pytest.raises(ConfigError, match=r"train.max_steps: .*integer.*'ten'"):
         load_config(None, ["train.max_steps=ten"])
-    with pytest.raises(ConfigError, match=r"algorithm.name: .*'sdar', 'grpo', 'grpo_opsd' or 'opsd'"):
+    with pytest.raises(ConfigError, match=r"algorithm.name: .*'sdar', 'grpo', 'grpo_opsd', 'opsd', 'rlsd', 'skill_sd' or 'skill_grpo'"):
         load_config(None, ["algorithm.name=ppo"])
     with pytest.raises(ConfigError, match=r"rollout.group_size: .*greater than or equal to 2"):
         load_config(None, ["rollout.group_size=1"])

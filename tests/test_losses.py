@@ -84,3 +84,44 @@ def test_clamped_k3_kl_matches_hand_values_and_plain_gradient():
     kl.sum().backward()
     # d/dS (e^(R-S) - (R-S) - 1) = 1 - e^(R-S); the clamped token gives no gradient
     assert logps.grad.tolist() == pytest.approx([1 - math.e, 0.0, 0.0])
+
+
+def test_rlsd_lambda_decays_linearly_to_zero():
+    from sdar_cli.losses import rlsd_lambda
+
+    assert [rlsd_lambda(step) for step in (1, 50, 99, 100, 150)] == pytest.approx([0.495, 0.25, 0.005, 0.0, 0.0])
+
+
+def test_rlsd_token_advantages_match_hand_computation():
+    from sdar_cli.losses import rlsd_token_advantages
+
+    advantages = torch.tensor([2.0, -1.0])
+    teacher = torch.tensor([[-1.0, -3.0], [-1.0, -2.0]])
+    student = torch.tensor([[-1.1, -2.0], [-2.0, -2.05]])
+    # D = T - S: row 0 (A > 0): 0.1, -1.0; row 1 (A < 0, sign flips D): 1.0, 0.05
+    # w = clip(exp(sign(A) D), 0.8, 1.2): row 0: e^0.1 = 1.10517, e^-1 -> 0.8; row 1: e^-1 -> 0.8, e^-0.05 = 0.95123
+    lam = 0.25
+    expected = [
+        [2.0 * (0.75 + 0.25 * math.exp(0.1)), 2.0 * (0.75 + 0.25 * 0.8)],
+        [-1.0 * (0.75 + 0.25 * 0.8), -1.0 * (0.75 + 0.25 * math.exp(-0.05))],
+    ]
+    result = rlsd_token_advantages(advantages, teacher, student, lam, clip=0.2)
+    assert result.tolist() == [pytest.approx(row) for row in expected]
+    assert rlsd_token_advantages(advantages, teacher, student, 0.0).tolist() == [[2.0, 2.0], [-1.0, -1.0]]  # = GRPO
+
+
+def test_skill_sd_token_loss_and_gradient_match_hand_computation():
+    from sdar_cli.losses import skill_sd_token_loss
+
+    teacher = torch.tensor([-1.0, -2.0, 0.0])
+    student = torch.tensor([-1.5, -1.0, -30.0], requires_grad=True)
+    old = torch.tensor([-1.5, -1.2, -30.0])
+    loss = skill_sd_token_loss(teacher, student, old)
+    # gap T - S = 0.5, -1.0, 30 (capped at 20); rho = exp(S - S_old) = 1, e^0.2, 1
+    k3 = [math.exp(0.5) - 1.5, math.exp(-1.0) - 1 + 1.0, math.exp(20.0) - 1 - 20.0]
+    rho = [1.0, math.exp(0.2), 1.0]
+    assert loss.tolist() == pytest.approx([r * k for r, k in zip(rho, k3)], rel=1e-5)
+    loss[:2].sum().backward()
+    # d/dS (rho k3) = rho * k3 + rho * (1 - exp(T - S))   (rho carries dS, and dk3/dS = 1 - e^(T-S))
+    expected_grad = [r * k + r * (1 - math.exp(g)) for r, k, g in zip(rho[:2], k3[:2], (0.5, -1.0))]
+    assert student.grad[:2].tolist() == pytest.approx(expected_grad, rel=1e-5)

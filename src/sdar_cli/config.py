@@ -128,10 +128,12 @@ class RolloutSettings(_Section):
 
 
 class AlgorithmSettings(_Section):
-    name: Literal["sdar", "grpo", "grpo_opsd", "opsd"] = Field(
+    name: Literal["sdar", "grpo", "grpo_opsd", "opsd", "rlsd", "skill_sd", "skill_grpo"] = Field(
         "sdar",
         description="sdar: GRPO + gated self-distillation; grpo: no distillation; "
-        "grpo_opsd: constant gate (beta 0); opsd: distillation only, no RL term",
+        "grpo_opsd: constant gate (beta 0); opsd: distillation only, no RL term; rlsd: GRPO with advantages "
+        "reweighted per token by the teacher-student gap; skill_sd: GRPO + skill_sd_coef * IS-weighted k3(T, S); "
+        "skill_grpo: GRPO with the skills in the student's own prompt (no teacher)",
     )
     sdar_coef: float = Field(0.01, ge=0.0, description="lambda: weight of the SDAR term")
     gate_beta: float = Field(5.0, ge=0.0, description="beta: sharpness of the sigmoid gate")
@@ -158,6 +160,10 @@ class AlgorithmSettings(_Section):
         "group", description="group: over all turn-samples of the group (official); episode: over episode rewards"
     )
     sdar_aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    rlsd_lambda: float = Field(0.5, ge=0.0, le=1.0, description="rlsd: initial mixing weight l")
+    rlsd_decay_steps: int = Field(100, ge=1, description="rlsd: rollout steps over which l decays linearly to 0")
+    rlsd_clip: float = Field(0.2, gt=0.0, lt=1.0, description="rlsd: token weights are clipped to 1 +- this")
+    skill_sd_coef: float = Field(0.001, ge=0.0, description="skill_sd: weight of the IS-weighted k3 distillation term")
 
 
 class SkillSettings(_Section):
@@ -315,8 +321,21 @@ class RunConfig(_Section):
         return self
 
     @property
+    def uses_sdar_term(self) -> bool:
+        """The gated SDAR loss term is on (sdar, grpo_opsd, opsd with sdar_coef > 0)."""
+        return self.algorithm.name in ("sdar", "grpo_opsd", "opsd") and self.algorithm.sdar_coef > 0
+
+    @property
     def uses_teacher(self) -> bool:
-        return self.algorithm.name != "grpo" and self.algorithm.sdar_coef > 0
+        """A no-grad teacher pass on the privileged prompt is needed (the SDAR term, rlsd, skill_sd)."""
+        if self.algorithm.name == "skill_sd":
+            return self.algorithm.skill_sd_coef > 0
+        return self.uses_sdar_term or self.algorithm.name == "rlsd"
+
+    @property
+    def skills_in_student_prompt(self) -> bool:
+        """skill_grpo: the student's prompt (generation and training) carries the privileged prefix."""
+        return self.algorithm.name == "skill_grpo"
 
     @property
     def effective_gate_beta(self) -> float:
@@ -403,6 +422,12 @@ def with_environment_defaults(config: RunConfig) -> RunConfig:
         except ValidationError as err:
             raise ConfigError(_describe(err, RolloutSettings).replace("  - ", "  - rollout.")) from None
     bank = teacher.skills.bank or env_class.skill_bank
+    if config.skills_in_student_prompt and (bank is None or teacher.context == "plan"):
+        raise ConfigError(
+            f"algorithm.name is 'skill_grpo' (skills in the student's prompt) but there are no skills: "
+            f"{'teacher.context is plan' if bank is not None else env_class.__name__ + ' ships no skill bank'}. Set "
+            "teacher.skills.bank to a folder of markdown skills and teacher.context to 'skills'."
+        )
     if teacher.context == "skills" and bank is None:
         raise ConfigError(
             f"teacher.context is 'skills' but {env_class.__name__} ships no skill bank: set teacher.skills.bank to a "

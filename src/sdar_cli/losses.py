@@ -104,3 +104,40 @@ def clamped_k3_kl(reference_logps: torch.Tensor, logps: torch.Tensor, bound: flo
     """
     log_ratio = (reference_logps.detach() - logps).clamp(-20.0, 20.0)
     return (torch.exp(log_ratio) - log_ratio - 1).clamp(-bound, bound)
+
+
+def rlsd_lambda(step: int, initial: float = 0.5, decay_steps: int = 100) -> float:
+    """RLSD's mixing weight at rollout step `step` (1-based): l = initial * (1 - step / decay_steps), 0 from
+    decay_steps on (the official linear warm-down)."""
+    return initial * max(0.0, 1.0 - step / decay_steps)
+
+
+def rlsd_token_advantages(
+    advantages: torch.Tensor, teacher_logps: torch.Tensor, student_logps: torch.Tensor, lam: float, clip: float = 0.2
+) -> torch.Tensor:
+    """RLSD: the group advantage reweighted per token by the teacher-student gap of the rollout policy.
+
+        w_t = clip(exp(sign(A) * (T_t - S_t)), 1 - clip, 1 + clip)
+        A_t = A * ((1 - l) + l * w_t)
+
+    advantages [B] (one per sample), log-probs [B, T] from rollout time (no gradient); returns [B, T].
+    """
+    advantages = advantages.unsqueeze(1)
+    with torch.no_grad():
+        weight = torch.exp(torch.sign(advantages) * (teacher_logps - student_logps)).clamp(1 - clip, 1 + clip)
+        return advantages * ((1 - lam) + lam * weight)
+
+
+def skill_sd_token_loss(teacher_logps: torch.Tensor, student_logps: torch.Tensor, old_logps: torch.Tensor) -> torch.Tensor:
+    """Skill-SD's per-token distillation term, importance-weighted to the rollout policy:
+
+        k3_t  = exp(T_t - S_t) - 1 - (T_t - S_t)          (T_t - S_t capped at 20)
+        rho_t = exp(min(S_t - S_old_t, 10))
+        l_t   = rho_t * k3_t
+
+    S carries the gradient (through rho and k3); T and S_old do not.
+    """
+    gap = (teacher_logps.detach() - student_logps).clamp(max=20.0)
+    k3 = torch.exp(gap) - 1 - gap
+    rho = torch.exp((student_logps - old_logps.detach()).clamp(max=10.0))
+    return rho * k3

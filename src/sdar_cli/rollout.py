@@ -93,8 +93,17 @@ class _EpisodeState:
 class TurnRenderer:
     """Builds the student and teacher prompt ids of a turn."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, rollout: RolloutSettings, teacher: TeacherSettings):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        rollout: RolloutSettings,
+        teacher: TeacherSettings,
+        skills_in_student_prompt: bool = False,
+    ):
+        """`skills_in_student_prompt` (Skill-GRPO): the student's prompt starts with the task's skills, put in
+        teacher.context_template as the teacher's would be."""
         self.tokenizer = tokenizer
+        self.skills_in_student_prompt = skills_in_student_prompt
         self.rollout = rollout
         self.teacher = teacher
         self.template = rollout.prompt_template or DEFAULT_PROMPT_TEMPLATE
@@ -139,7 +148,8 @@ class TurnRenderer:
         still too long without history, its middle is cut, keeping its head (template, task, prefix) and its
         tail (instructions and the generation prompt). `truncated_prompts` counts the turns shortened.
         """
-        student, cut_student = self._fitted(task, history, observation_text, admissible_actions, [])
+        student_prefix = self.teacher_prefix_ids(self.skills_text(task)) if self.skills_in_student_prompt else []
+        student, cut_student = self._fitted(task, history, observation_text, admissible_actions, student_prefix)
         teacher, cut_teacher = self._fitted(
             task, history, observation_text, admissible_actions, self.teacher_prefix_ids(privileged)
         )

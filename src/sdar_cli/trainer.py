@@ -45,8 +45,11 @@ from .losses import (
     group_advantages,
     masked_sequence_means,
     masked_token_sum,
+    rlsd_lambda,
+    rlsd_token_advantages,
     sdar_gate,
     sdar_token_loss,
+    skill_sd_token_loss,
 )
 from .models import adapter_switched_off, lora_config
 from .rollout import EnvTimeouts, EpisodeResult, HFPolicy, TurnRenderer, TurnSample, play_episodes
@@ -150,10 +153,11 @@ class SDARTrainer(GRPOTrainer):
         self.config = config
         self.make_env = make_env
         self.max_turns = max_turns
-        self.renderer = TurnRenderer(tokenizer, config.rollout, config.teacher)
+        self.renderer = TurnRenderer(tokenizer, config.rollout, config.teacher, config.skills_in_student_prompt)
         algorithm = config.algorithm.name
         self.with_teacher = config.uses_teacher
-        self.sdar_coef = config.algorithm.sdar_coef if self.with_teacher else 0.0
+        self.sdar_term = config.uses_sdar_term
+        self.sdar_coef = config.algorithm.sdar_coef if self.sdar_term else 0.0
         self.gate_beta = config.effective_gate_beta
         self.rl_term = algorithm != "opsd"
         self.gates_dir = Path(args.output_dir) / "gates"
@@ -175,6 +179,8 @@ class SDARTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         generation_started = time.perf_counter()
         task_ids = [row["prompt"] for row in inputs]
+        algorithm = self.config.algorithm.name
+        rollout_step = self._episodes_played // max(1, len(task_ids)) + 1  # 1-based, as the official
         group_size = self.num_generations
         # TRL's sampler hands rank r the r-th slice of the step's tasks (whole groups: see distributed.py)
         self._first_episode = self._episodes_played + self.accelerator.process_index * len(task_ids)
@@ -255,7 +261,8 @@ class SDARTrainer(GRPOTrainer):
                     )
             teacher_seconds = self._seconds_since(teacher_started) if self.with_teacher else 0.0
             old_started = time.perf_counter()
-            if self._reuses_rollout_batch:
+            scores_rollout_policy = self._reuses_rollout_batch or algorithm == "rlsd"
+            if scores_rollout_policy:
                 # the policy that sampled, scored once: the PPO ratio of every later update is against it
                 batch["old_per_token_logps"], _, _ = self._get_per_token_logps_and_entropies(
                     self.model,
@@ -264,7 +271,15 @@ class SDARTrainer(GRPOTrainer):
                     logits_to_keep,
                     batch_size=batch_size,
                 )
-            old_seconds = self._seconds_since(old_started) if self._reuses_rollout_batch else 0.0
+            old_seconds = self._seconds_since(old_started) if scores_rollout_policy else 0.0
+
+        if algorithm == "rlsd":
+            settings = self.config.algorithm
+            lam = rlsd_lambda(rollout_step, settings.rlsd_lambda, settings.rlsd_decay_steps)
+            batch["advantages"] = rlsd_token_advantages(
+                batch["advantages"], batch["teacher_per_token_logps"], batch["old_per_token_logps"], lam, settings.rlsd_clip
+            ) * completion_mask
+            self._metrics["train"]["rlsd_lambda"].append(lam)
 
         self._step_samples = samples
         self._step_advantages = advantages
@@ -381,19 +396,28 @@ class SDARTrainer(GRPOTrainer):
             mode = "train" if self.model.training else "eval"
             totals = self.accelerator.reduce(torch.stack([masked_token_sum(per_token_kl.detach(), mask), mask.sum()]))
             self._metrics[mode]["kl"].append((totals[0] / totals[1].clamp(min=1.0)).item())
-        if self.with_teacher:
+        if self.sdar_term:
             mask = inputs["completion_mask"].to(student_logps.dtype)
             teacher_logps = inputs["teacher_per_token_logps"]
             gate = sdar_gate(teacher_logps, student_logps, self.gate_beta)
             token_loss = sdar_token_loss(teacher_logps, student_logps, gate)
             if self.config.algorithm.sdar_aggregation == "token_mean":
-                scope = "bnpo" if self.loss_type == "bnpo" else "dapo"  # the policy loss's token-mean scope
-                sdar_loss = self._aggregate(token_loss, mask, inputs, scope)
+                sdar_loss = self._aggregate(token_loss, mask, inputs, self._token_mean_scope)
             else:
                 normalizer = inputs["num_samples_in_batch"].clamp(min=1) / self.accelerator.num_processes
                 sdar_loss = masked_sequence_means(token_loss, mask).sum() / (normalizer * self._update_share)
             loss = loss + self.sdar_coef * sdar_loss
             self._record_gates(inputs, student_logps, teacher_logps, gate)
+        if self.config.algorithm.name == "skill_sd" and self.with_teacher:
+            mask = inputs["completion_mask"].to(student_logps.dtype)
+            old_logps = inputs.get("old_per_token_logps")
+            old_logps = student_logps.detach() if old_logps is None else old_logps  # on-policy: rho = 1, with gradient
+            token_loss = skill_sd_token_loss(inputs["teacher_per_token_logps"], student_logps, old_logps)
+            skill_sd_loss = self._aggregate(token_loss, mask, inputs, self._token_mean_scope)
+            loss = loss + self.config.algorithm.skill_sd_coef * skill_sd_loss
+            mode = "train" if self.model.training else "eval"
+            token_mean = masked_token_sum(token_loss.detach(), mask) / mask.sum().clamp(min=1.0)
+            self._metrics[mode]["skill_sd_loss"].append(token_mean.item())
         if not torch.isfinite(loss):
             self._nonfinite_this_step = True
             # zero gradient, NaN value: the Trainer logs it as skipped and _NonFiniteGuard drops the update
@@ -417,6 +441,11 @@ class SDARTrainer(GRPOTrainer):
         if loss_type == "dr_grpo":
             return total / (values.size(0) * self.max_completion_length) / accumulation
         raise ValueError(f"no aggregation rule for loss_type {loss_type!r}")
+
+    @property
+    def _token_mean_scope(self) -> str:
+        """The token-mean the policy loss uses: per micro-batch (bnpo) or over the update (otherwise)."""
+        return "bnpo" if self.loss_type == "bnpo" else "dapo"
 
     @property
     def _update_share(self) -> float:
