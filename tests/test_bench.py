@@ -96,3 +96,12 @@ def test_bench_config_mistakes_name_the_key(tmp_path):
     path.write_text("run: {train: {micro_batchs: 2}}\n")
     with pytest.raises(ConfigError, match="train.micro_batches"):
         load_bench_config(path)
+
+
+def test_a_measured_step_is_one_rollout_and_all_its_updates(tmp_path):
+    from sdar_cli.bench import load_bench_config, run_config
+
+    bench = load_bench_config(BENCH_DIR / "tiny.yaml", ["run.train.updates_per_rollout=2", "batch.group_size=4"])
+    config = run_config(bench, "sdar", tmp_path / "model", tmp_path / "run")
+    rollouts = bench.steps.warmup + bench.steps.measured
+    assert config.train.max_steps == rollouts * 2 and config.train.save_steps > config.train.max_steps

@@ -140,6 +140,7 @@ def run_config(bench: BenchConfig, algorithm: str, model_dir: Path, run_dir: Pat
     """The `sdar train` config one measured process trains with."""
     raw = copy.deepcopy(bench.run)
     batch = bench.batch
+    rollouts = bench.steps.warmup + bench.steps.measured
     for override in (
         f"model.name={model_dir}",
         f"algorithm.name={algorithm}",
@@ -148,13 +149,20 @@ def run_config(bench: BenchConfig, algorithm: str, model_dir: Path, run_dir: Pat
         f"rollout.max_new_tokens={batch.response_tokens}",
         f"rollout.max_prompt_tokens={max(16, batch.privileged_tokens + batch.prompt_tokens)}",
         "rollout.stop_strings=[]",
-        f"train.max_steps={bench.steps.warmup + bench.steps.measured}",
-        f"train.save_steps={bench.steps.warmup + bench.steps.measured + 1}",
+        f"train.max_steps={rollouts}",
+        f"train.save_steps={rollouts + 1}",
         f"train.seed={bench.seed}",
         f"output.dir={run_dir}",
     ):
         apply_override(raw, override)
-    return validate_config(raw)
+    config = validate_config(raw)
+    # a measured step is one rollout batch and every optimizer update trained on it
+    updates = config.train.updates_per_rollout * config.train.epochs_per_rollout
+    if updates > 1:
+        apply_override(raw, f"train.max_steps={rollouts * updates}")
+        apply_override(raw, f"train.save_steps={rollouts * updates + 1}")
+        config = validate_config(raw)
+    return config
 
 
 # ------------------------------------------------------------------------------------- the parent
@@ -486,7 +494,11 @@ def measure(bench: BenchConfig, algorithm: str, model_dir: Path, run_dir: Path) 
             phase_peaks.mark("update")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "generation_seconds" not in logs:
+            if not logs or "reward_mean" not in logs:  # the end-of-training summary
+                return
+            if "generation_seconds" not in logs:  # a later update on the same rollout batch: part of its step
+                self.steps[-1]["update"] += self._seconds
+                self.steps[-1]["step"] += self._seconds
                 return
             phases = {
                 "generation": logs["generation_seconds"],
@@ -516,7 +528,7 @@ def measure(bench: BenchConfig, algorithm: str, model_dir: Path, run_dir: Path) 
     batch = bench.batch
     workload = Workload(
         rows=batch.tasks * batch.group_size,
-        micro_batches=config.train.micro_batches,
+        micro_batches=config.train.micro_batches * config.train.updates_per_rollout,
         prompt_tokens=batch.prompt_tokens,
         response_tokens=batch.response_tokens,
         privileged_tokens=batch.privileged_tokens,

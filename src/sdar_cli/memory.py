@@ -295,7 +295,7 @@ def workload_for_run(config, max_turns: int, privileged_tokens: int = ASSUMED_PR
     episodes = rollout.tasks_per_step * rollout.group_size
     return Workload(
         rows=episodes * max_turns,
-        micro_batches=train.micro_batches,
+        micro_batches=train.micro_batches * train.updates_per_rollout,  # each micro-step holds 1/(k m) of the rows
         prompt_tokens=rollout.max_prompt_tokens,
         response_tokens=rollout.max_new_tokens,
         privileged_tokens=privileged_tokens,
