@@ -173,3 +173,28 @@ def test_chat_template_text_reads_a_file_and_keeps_inline_text(tmp_path):
     assert chat_template_text("{% for m in messages %}{{ m }}{% endfor %}").startswith("{% for")
     long_plain = "x" * 300  # not a path a file system accepts: kept as text, no OSError
     assert chat_template_text(long_plain) == long_plain
+
+
+def test_a_skill_grpo_target_is_evaluated_without_and_with_skills(tiny_model_dir, tmp_path, monkeypatch):
+    import sdar_cli.evaluate as evaluate_module
+    from conftest import TINY_OVERRIDES
+
+    shown = []
+    play = evaluate_module.play_evaluation
+
+    def recording_play(*args, **kwargs):
+        samples, episodes = play(*args, **kwargs)
+        tokenizer = args[1]
+        shown.append(all("[Privileged Skill Information]" in tokenizer.decode(s.prompt_ids) for s in samples))
+        return samples, episodes
+
+    monkeypatch.setattr(evaluate_module, "play_evaluation", recording_play)
+    config = tmp_path / "skill_grpo.yaml"
+    config.write_text("algorithm:\n  name: skill_grpo\n")
+    path = tmp_path / "report.json"
+    overrides = [part for o in TINY_OVERRIDES for part in ("--set", o)]
+    result = _eval(tiny_model_dir, "--config", config, "--episodes", 2, "--json", path, *overrides)
+    assert result.exit_code == 0, result.output
+    names = [t["target"] for t in json.loads(path.read_text())["targets"]]
+    assert names == [str(tiny_model_dir), f"{tiny_model_dir} +skills"]
+    assert shown == [False, True]  # Skill-GRPO (no skills at test time), then Skill-GRPO* (with them)

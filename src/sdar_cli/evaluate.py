@@ -127,11 +127,13 @@ def play_evaluation(
     make_env: Callable[[], Environment],
     max_turns: int,
     on_batch: Callable[[int], None] = lambda episodes: None,
+    skills_in_student_prompt: bool = False,
 ) -> tuple[list[TurnSample], list[EpisodeResult]]:
     """Play each task eval.samples_per_task times, eval.batch_size episodes at a time.
 
     Episode i of task j belongs to group j. torch is seeded with eval.seed first, so the sampled
-    episodes depend only on the model, the tasks and the settings.
+    episodes depend only on the model, the tasks and the settings. `skills_in_student_prompt` shows the
+    agent the task's skills (Skill-GRPO* of the paper); evaluation is otherwise without them.
     """
     settings = config.eval
     slots = [(task_id, group) for group, task_id in enumerate(task_ids) for _ in range(settings.samples_per_task)]
@@ -144,7 +146,7 @@ def play_evaluation(
         do_sample=settings.decoding == "sample",
         temperature=settings.temperature,
     )
-    renderer = TurnRenderer(tokenizer, config.rollout, config.teacher)
+    renderer = TurnRenderer(tokenizer, config.rollout, config.teacher, skills_in_student_prompt)
     samples: list[TurnSample] = []
     episodes: list[EpisodeResult] = []
     for start in range(0, len(slots), settings.batch_size):
@@ -334,6 +336,8 @@ def evaluate_targets(
     while nothing that decides its episodes has changed, so a long comparison evaluates each checkpoint
     once. Targets named in `reuse_names` (played earlier by the same command) reuse their entry even when
     `reuse` is off. `seconds`, when given, receives each target's evaluation time (the time it took when played).
+    A skill_grpo run (trained with the skills in its prompt) is evaluated twice: as every target, without
+    skills, and as "NAME +skills" with them (the paper's Skill-GRPO*).
     """
     targets = resolve_targets(names, config_path, overrides)
     shared = targets[0].config
@@ -353,12 +357,15 @@ def evaluate_targets(
     for target in targets:
         if target.warning:
             console.print(f"[yellow]Warning:[/yellow] {escape(target.warning)}", highlight=False, soft_wrap=True)
+    plays = [(t, False) for t in targets]
+    plays += [(dataclasses.replace(t, name=f"{t.name} +skills"), True) for t in targets if t.config.skills_in_student_prompt]
     with progress:
-        for target in targets:
+        for target, with_skills in plays:
             max_turns = target.config.rollout.max_turns or env_max_turns
             cached = None
             if cache_dir is not None:
-                cached = cache_dir / f"{evaluation_key(target, report['settings'], max_turns)}.json"
+                settings = {**report["settings"], "skills_in_student_prompt": True} if with_skills else report["settings"]
+                cached = cache_dir / f"{evaluation_key(target, settings, max_turns)}.json"
                 entry = _read_cached(cached) if reuse or target.name in reuse_names else None
                 if entry is not None:  # where the model and checkpoint are now (the folder may have moved)
                     checkpoint = str(target.checkpoint) if target.checkpoint else None
@@ -382,6 +389,7 @@ def evaluate_targets(
                 make_env,
                 max_turns,
                 on_batch=lambda done, bar=bar: progress.advance(bar, done),
+                skills_in_student_prompt=with_skills,
             )
             del model
             _free_memory()
