@@ -1,15 +1,17 @@
 """SDARTrainer: TRL's GRPOTrainer plus what SDAR adds, and nothing else.
 
 What is TRL's, reused as is: the optimiser and scheduler, accelerate, PEFT wrapping, gradient
-checkpointing, the fused log-prob head, the PPO-clip loss with its loss types, the k3 KL to the
-reference, the entropy bonus, report_to logging and checkpoint/resume.
+checkpointing, the fused log-prob head, the PPO-clip loss with its loss types (dual-clip as `delta`),
+the update schedule (steps_per_generation, num_iterations), its bias-corrected k3 KL (an option), the
+entropy bonus, report_to logging and checkpoint/resume.
 
 What SDAR adds, overriding three methods:
 - `_generate_and_score_completions`: multi-turn episodes instead of single completions; each turn
   is one sample; rewards from the environment; group advantages; one no-grad reference pass
-  (adapter off) and one no-grad teacher pass (privileged prompt, adapter on or off).
-- `_compute_loss`: TRL's GRPO loss + lambda * L_SDAR, with the gate computed from the very student
-  log-probs TRL's loss used; the gates are recorded for inspection.
+  (adapter off), one no-grad teacher pass (privileged prompt, adapter on or off) and, when a rollout
+  batch feeds several updates (or for rlsd), one pass under the rollout policy (old log-probs).
+- `_compute_loss`: TRL's GRPO loss + the official clamped k3 KL + lambda * L_SDAR (or skill_sd's term),
+  with the gate computed from the very student log-probs TRL's loss used; the gates are recorded.
 - `_save_checkpoint`: written to a staging folder and renamed, so a checkpoint is whole or absent.
 
 The rollout itself is `_play_episodes`, so `sdar bench` can swap in a fixed synthetic batch and time
