@@ -179,3 +179,12 @@ def test_aggregation_scope_update_token_mean_or_official_micro_batch_token_mean(
     assert trainer._aggregate(values, mask, inputs, "dapo").item() == pytest.approx(total / 10)
     assert trainer._aggregate(values, mask, inputs, "bnpo").item() == pytest.approx(total / 4 / 2)
     assert trainer._aggregate(values, mask, inputs, "grpo").item() == pytest.approx((1.0 + 12.0 / 3) / 2 / 2)
+
+
+def test_truncated_prompts_are_counted_per_rollout(tiny_model_dir, tmp_path):
+    config = tiny_config(tiny_model_dir, tmp_path / "run", "algorithm.name=grpo", "rollout.max_prompt_tokens=16")
+    trainer, _ = build_trainer(config, tmp_path / "run")
+    for _ in range(2):  # every prompt is longer than 16 tokens: each rollout counts each of its turns once
+        trainer._generate_and_score_completions(task_inputs(config))
+        metrics = trainer._rollout_metrics
+        assert metrics["truncated_prompts"] == metrics["turn_samples"] > 0
