@@ -64,11 +64,17 @@ def test_a_rollout_split_into_two_updates_steps_twice_and_the_ratio_moves(tiny_m
         rollouts.append(batch)
         return batch
 
+    gates_current, gates_old = [], []
+
     def recording_loss(model, inputs):
         loss = compute_loss(model, inputs)
         real = inputs["completion_mask"].bool()
         student = _student_logps(trainer, inputs)
         ratios.append(torch.exp(student - inputs["old_per_token_logps"])[real])
+        recorded = torch.tensor([g for i in inputs["sample_index"].tolist() if i >= 0 for g in trainer._gate_records[i]["gate"]])
+        teacher = inputs["teacher_per_token_logps"]
+        gates_current.append((recorded - torch.sigmoid(5.0 * (teacher - student))[real]).abs().max())
+        gates_old.append((recorded - torch.sigmoid(5.0 * (teacher - inputs["old_per_token_logps"]))[real]).abs().max())
         return loss
 
     trainer._generate_and_score_completions = counting_rollout
@@ -84,6 +90,8 @@ def test_a_rollout_split_into_two_updates_steps_twice_and_the_ratio_moves(tiny_m
     first, second = ratios
     assert (first - 1).abs().max() < 1e-4  # the first update starts at the rollout policy
     assert (second - 1).abs().max() > 1e-3  # the second sees the weights the first moved
+    # the gate is computed from the CURRENT (detached) student log-probs, not the rollout-time ones
+    assert max(gates_current) < 1e-5 and gates_old[1] > 1e-4
     # every real sample trained exactly once over the two updates (padding rows carry no tokens)
     assert sum(r.numel() for r in ratios) == int(rollouts[0]["completion_mask"].sum())
 

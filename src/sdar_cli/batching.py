@@ -1,8 +1,8 @@
 """Turn-samples -> the padded tensor batch TRL's GRPO loss reads.
 
-TRL splits a generation batch into `micro_batches` equal chunks and silently drops the remainder
-rows, while a rollout yields a variable number of turn-samples. So the batch is padded to a
-multiple of `micro_batches` with copies of a real row whose loss mask is zero and whose
+TRL splits a generation batch into `updates_per_rollout x micro_batches` equal chunks (its
+steps_per_generation) and silently drops the remainder rows, while a rollout yields a variable number
+of turn-samples. So the batch is padded to a multiple of that chunk count with copies of a real row whose loss mask is zero and whose
 `sample_index` is -1: they cost compute, never change the loss, and no real sample is lost.
 (Copies rather than empty rows because a row with no attended token gives NaN attention.)
 """
