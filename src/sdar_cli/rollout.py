@@ -148,22 +148,26 @@ class TurnRenderer:
         still too long without history, its middle is cut, keeping its head (template, task, prefix) and its
         tail (instructions and the generation prompt). `truncated_prompts` counts the turns shortened.
         """
+        encoded: dict[int, list[int]] = {}  # the prompt ids by history window, shared by both prompts
+
+        def prompt_ids(window: int) -> list[int]:
+            if window not in encoded:
+                text = self.student_prompt_text(task, history, observation_text, admissible_actions, window)
+                encoded[window] = self.encode(text)
+            return encoded[window]
+
+        widest = min(self.rollout.history_turns, len(history))
         student_prefix = self.teacher_prefix_ids(self.skills_text(task)) if self.skills_in_student_prompt else []
-        student, cut_student = self._fitted(task, history, observation_text, admissible_actions, student_prefix)
-        teacher, cut_teacher = self._fitted(
-            task, history, observation_text, admissible_actions, self.teacher_prefix_ids(privileged)
-        )
-        if cut_student or cut_teacher:
-            with self._skills_lock:
-                self.truncated_prompts += 1
+        student, cut_student = self._fitted(prompt_ids, widest, student_prefix)
+        teacher, cut_teacher = self._fitted(prompt_ids, widest, self.teacher_prefix_ids(privileged))
+        self.truncated_prompts += cut_student or cut_teacher
         return student, teacher
 
-    def _fitted(self, task, history, observation_text, admissible_actions, prefix_ids) -> tuple[list[int], bool]:
+    def _fitted(self, prompt_ids: Callable[[int], list[int]], widest: int, prefix_ids: list[int]) -> tuple[list[int], bool]:
+        """prefix + the prompt with the widest history window that fits, else the middle-cut; and whether cut."""
         limit = self.rollout.max_prompt_tokens
-        widest = min(self.rollout.history_turns, len(history))
         for window in range(widest, -1, -1):
-            text = self.student_prompt_text(task, history, observation_text, admissible_actions, window)
-            ids = prefix_ids + self.encode(text)
+            ids = prefix_ids + prompt_ids(window)
             if len(ids) <= limit:
                 return ids, window < widest
         head = limit // 2
