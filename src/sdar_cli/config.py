@@ -78,7 +78,11 @@ class RolloutSettings(_Section):
     max_turns: int | None = Field(None, ge=1, description="turn limit per episode; default: the environment's")
     history_turns: int = Field(2, ge=0, description="H: past (observation, action) pairs shown in each prompt")
     max_new_tokens: int = Field(128, ge=1, description="response tokens per turn")
-    max_prompt_tokens: int = Field(2048, ge=16, description="longer prompts are cut from the left")
+    max_prompt_tokens: int = Field(
+        2048,
+        ge=16,
+        description="student and teacher prompts; a longer one drops its oldest history pairs first (then its middle)",
+    )
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     invalid_action_penalty: float = Field(0.1, ge=0.0, description="subtracted from an invalid turn's reward")
