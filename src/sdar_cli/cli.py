@@ -72,15 +72,16 @@ def train(
 
     Each step plays rollout.tasks_per_step tasks rollout.group_size times, turns every turn into a
     training sample, scores the agent's own tokens with the teacher (the same weights shown the
-    privileged context), and makes one update. The run directory gets config.yaml, metrics.jsonl,
-    gates/step-N.jsonl and checkpoint-N/ (a PEFT adapter). Ctrl-C writes a checkpoint and exits 130;
-    --resume continues from it.
+    privileged context), and makes train.updates_per_rollout updates (train.max_steps counts updates).
+    The run directory gets config.yaml, metrics.jsonl, gates/step-N.jsonl and checkpoint-N/ (a PEFT
+    adapter). Ctrl-C writes a checkpoint and exits 130; --resume continues from it.
 
     Config sections: model (name, dtype, load_in_4bit, lora), env (name, kwargs, splits), rollout
     (group_size, tasks_per_step, max_turns, history_turns, max_new_tokens, temperature, prompt_template,
-    ...), algorithm (name: sdar | grpo | grpo_opsd | opsd, sdar_coef, gate_beta, kl_coef, ...), teacher
-    (weights: live | base, context_template), train (max_steps, save_steps, seed, learning_rate,
-    micro_batches, report_to, ...), output (dir, save_gates). Every key, its default and its meaning:
+    invalid_action, ...), algorithm (name: sdar | grpo | grpo_opsd | opsd | rlsd | skill_sd | skill_grpo,
+    sdar_coef, gate_beta, kl_coef, kl_estimator, dual_clip, ...), teacher (weights: live | base,
+    context_template), train (max_steps, save_steps, seed, learning_rate, micro_batches,
+    updates_per_rollout, report_to, ...), output (dir, save_gates). Every key, its default and its meaning:
     README "Configuration" and src/sdar_cli/config.py. Bad keys or values exit with code 2.
     """
     _quiet_libraries()
