@@ -34,6 +34,14 @@ def test_best_checkpoint_is_the_saved_step_with_the_highest_training_success(tmp
     # the last checkpoint (6 here, with no step 7) was never measured by a training batch
     assert best_checkpoint(tmp_path, metrics[:6]) == tmp_path / "checkpoint-4"
     assert best_checkpoint(tmp_path, [{"step": 2, "success_rate": 0.5}]) is None
+    # two updates per rollout batch: steps 3, 5 and 7 played their batches (with generation_seconds); the lines of
+    # steps 2, 4 and 6 repeat the batch before, played by older weights, and measure no checkpoint
+    two_updates = [{"step": s, "success_rate": r, **({"generation_seconds": 1.0} if s % 2 else {})}
+                   for s, r in [(1, 0.0), (2, 0.0), (3, 0.9), (4, 0.9), (5, 0.25), (6, 0.25), (7, 0.75), (8, 0.75)]]
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    # step 4's 0.9 is step 3's batch again, not a measure of checkpoint-3
+    assert best_checkpoint(tmp_path, two_updates) == tmp_path / "checkpoint-2"
 
 
 def test_curve_bands_average_the_seeds_that_logged_a_step():

@@ -134,7 +134,11 @@ def best_checkpoint(run_dir: Path, metrics: list[dict[str, Any]]) -> Path | None
 
     Step N's rollouts are played before step N's update, so they measure checkpoint-(N-1): checkpoint-N is
     ranked by step N+1's success, and the last checkpoint, never measured, is not a candidate. None if none.
+    With several updates per rollout batch (train.updates_per_rollout) only the update that played a batch
+    measures the checkpoint before it: its line is the one with `generation_seconds`.
     """
+    if any("generation_seconds" in r for r in metrics):
+        metrics = [r for r in metrics if r.get("generation_seconds") is not None]
     success = {r["step"]: r["success_rate"] for r in metrics if r.get("success_rate") is not None}
     candidates = {
         step: run_dir / f"checkpoint-{step}"
