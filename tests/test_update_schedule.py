@@ -196,3 +196,12 @@ def test_truncated_prompts_are_counted_per_rollout(tiny_model_dir, tmp_path):
         trainer._generate_and_score_completions(task_inputs(config))
         metrics = trainer._rollout_metrics
         assert metrics["truncated_prompts"] == metrics["turn_samples"] > 0
+
+
+def test_each_process_share_must_split_into_updates_times_micro_batches(monkeypatch):
+    from sdar_cli import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    distributed.check_world_fits(4, 2, micro_batches=2, updates_per_rollout=2)  # 4 episodes a process, 4 chunks
+    with pytest.raises(distributed.DistributedConfigError, match=r"updates_per_rollout x train.micro_batches \(8\)"):
+        distributed.check_world_fits(4, 2, micro_batches=2, updates_per_rollout=4)

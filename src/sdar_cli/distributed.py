@@ -64,8 +64,9 @@ def refuse_several(command: str) -> None:
         )
 
 
-def check_world_fits(tasks_per_step: int, group_size: int, micro_batches: int) -> None:
-    """Each rank plays tasks_per_step / WORLD_SIZE whole groups and splits its episodes into micro_batches."""
+def check_world_fits(tasks_per_step: int, group_size: int, micro_batches: int, updates_per_rollout: int = 1) -> None:
+    """Each rank plays tasks_per_step / WORLD_SIZE whole groups and splits its episodes into
+    updates_per_rollout x micro_batches chunks."""
     size = world_size()
     if tasks_per_step % size:
         raise DistributedConfigError(
@@ -74,9 +75,10 @@ def check_world_fits(tasks_per_step: int, group_size: int, micro_batches: int) -
             f"multiple of {size}, or launch {_divisors_hint(tasks_per_step)} processes."
         )
     per_rank = tasks_per_step // size * group_size
-    if per_rank % micro_batches:
+    if per_rank % (micro_batches * updates_per_rollout):
+        chunks = "train.micro_batches" if updates_per_rollout == 1 else "train.updates_per_rollout x train.micro_batches"
         raise DistributedConfigError(
-            f"train.micro_batches ({micro_batches}) must divide each process's episodes per step "
+            f"{chunks} ({micro_batches * updates_per_rollout}) must divide each process's episodes per step "
             f"(rollout.tasks_per_step / processes x rollout.group_size = {tasks_per_step} / {size} x {group_size} "
             f"= {per_rank}). Lower train.micro_batches or raise rollout.tasks_per_step."
         )

@@ -209,7 +209,9 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False, console: Conso
     console = console or Console()
     device = pick_device(config.train.device)
     rollout = config.rollout
-    distributed.check_world_fits(rollout.tasks_per_step, rollout.group_size, config.train.micro_batches)
+    distributed.check_world_fits(
+        rollout.tasks_per_step, rollout.group_size, config.train.micro_batches, config.train.updates_per_rollout
+    )
     distributed.start(cpu=device.type == "cpu")
     with contextlib.ExitStack() as held:
         checkpoint, changes = _open_run_dir_on_main(config, run_dir, resume, console, held)

@@ -182,7 +182,8 @@ class SDARTrainer(GRPOTrainer):
         generation_started = time.perf_counter()
         task_ids = [row["prompt"] for row in inputs]
         algorithm = self.config.algorithm.name
-        rollout_step = self._episodes_played // max(1, len(task_ids)) + 1  # 1-based, as the official
+        # 1-based, as the official (episodes_played counts every process's episodes)
+        rollout_step = self._episodes_played // max(1, len(task_ids) * self.accelerator.num_processes) + 1
         group_size = self.num_generations
         # TRL's sampler hands rank r the r-th slice of the step's tasks (whole groups: see distributed.py)
         self._first_episode = self._episodes_played + self.accelerator.process_index * len(task_ids)
