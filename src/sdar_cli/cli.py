@@ -67,6 +67,13 @@ def train(
             "fits the visible GPU (or this machine), and exit; nothing is written.",
         ),
     ] = False,
+    probe: Annotated[
+        bool,
+        typer.Option(
+            "--probe-teacher",
+            help="With --dry-run: also load the model and print `sdar probe-teacher`'s verdict on a few expert states.",
+        ),
+    ] = False,
 ) -> None:
     """Train a LoRA agent with GRPO + gated self-distillation in a multi-turn environment.
 
@@ -104,7 +111,11 @@ def train(
 
             for warning in estimate_memory(run_config, console):
                 err_console.print(f"[yellow]Warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
+            if probe:
+                _dry_run_probe(run_config)
             raise typer.Exit(0)
+        if probe:
+            raise ConfigError("--probe-teacher goes with --dry-run (or run `sdar probe-teacher CONFIG`).")
         outcome = run_training(run_config, Path(run_config.output.dir), resume=resume, console=console)
     except (ConfigError, EnvironmentConfigError, ModelLoadError, RunDirError) as err:
         err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
@@ -122,6 +133,22 @@ def train(
     style = "green" if outcome.exit_code == 0 else ("yellow" if outcome.exit_code == 130 else "red")
     (console if outcome.exit_code == 0 else err_console).print(f"[{style}]{escape(outcome.message)}[/{style}]", highlight=False, soft_wrap=True)
     raise typer.Exit(outcome.exit_code)
+
+
+def _dry_run_probe(run_config) -> None:
+    """The teacher probe's verdict on a few expert states (part of `sdar train --dry-run --probe-teacher`)."""
+    from .targets import Target
+    from .teacher_probe import DRY_RUN_STATES, ProbeError, probe_teacher, report_lines
+
+    try:
+        with console.status(f"probing the teacher on {DRY_RUN_STATES} expert states"):
+            report = probe_teacher(Target(run_config.model.name, "base", run_config, None, None), DRY_RUN_STATES)
+    except ProbeError as err:
+        err_console.print(f"[yellow]Warning:[/yellow] the teacher probe could not run: {escape(str(err))}",
+                          highlight=False, soft_wrap=True)
+        return
+    for line in report_lines(report):
+        console.print(escape(line), highlight=False, soft_wrap=True)
 
 
 @app.command("eval")
@@ -478,6 +505,59 @@ def compare_methods(
                           highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR) from None
     console.print(f"Results written to {', '.join(map(str, paths))}", highlight=False, soft_wrap=True)
+
+
+@app.command("probe-teacher")
+def probe_teacher(
+    config: Annotated[Path, typer.Argument(help="Run config (its teacher, rollout, env and model are used).")],
+    checkpoint: Annotated[
+        Optional[Path],
+        typer.Option("--checkpoint", help="A run directory (latest checkpoint) or checkpoint-N folder (default: the base model)."),
+    ] = None,
+    states: Annotated[int, typer.Option("--states", "-n", help="Expert states to probe.")] = 32,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report to this JSON file.")] = None,
+    overrides: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="Override a config key, e.g. --set teacher.placement=user_end (repeatable)."),
+    ] = None,
+) -> None:
+    """Is the teacher informative? Measure it on expert states before training.
+
+    The environment's expert plays train tasks; at each state the student and teacher prompts are rendered
+    as training renders them, and the expert's next action and a random other admissible action are scored
+    by both (log-probs at the rollout temperature). Prints the mean per-token gap T - S and its share > 0
+    for each, the gates they would get, the AUC of the gap separating the expert's action from the other,
+    the teacher prompt's extra tokens, and a verdict: informative, barely informative or misleading
+    (thresholds: src/sdar_cli/teacher_probe.py). Without an expert, the agent's own samples are scored.
+    """
+    _single_process("probe-teacher")
+    _quiet_libraries()
+    import json
+
+    from .config import ConfigError, load_config
+    from .envs import EnvironmentConfigError
+    from .models import ModelLoadError
+    from .targets import Target, TargetError, resolve_target
+    from .teacher_probe import ProbeError, report_lines
+    from .teacher_probe import probe_teacher as run_probe
+
+    try:
+        if checkpoint is not None:
+            target = resolve_target(str(checkpoint), config, overrides or [])
+        else:
+            run_config = load_config(config, overrides)
+            target = Target(run_config.model.name, "base", run_config, None, None)
+        with console.status(f"probing the teacher on {states} expert states"):
+            report = run_probe(target, states)
+    except (ConfigError, EnvironmentConfigError, ModelLoadError, TargetError, ProbeError) as err:
+        err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(USER_ERROR) from None
+    for line in report_lines(report):
+        console.print(escape(line), highlight=False, soft_wrap=True)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        console.print(f"Report written to {json_path}", highlight=False)
 
 
 def _single_process(command: str) -> None:

@@ -184,10 +184,17 @@ class TeacherSettings(_Section):
     weights: Literal["live", "base"] = Field(
         "live", description="live: adapter on (current policy, official); base: adapter off (frozen base)"
     )
-    context: Literal["both", "skills", "plan"] = Field(
+    context: Literal["both", "skills", "plan", "next_action", "shuffled", "none"] = Field(
         "both",
         description="privileged context the teacher sees: the task's skills, the environment's expert plan from "
-        "the current state, or both (the paper: skills)",
+        "the current state, or both (the paper: skills); next_action: the plan, then 'The expert's next action "
+        "is: X'; controls: shuffled (another task's next_action context of the nearest length) and none (the "
+        "context_template's header only)",
+    )
+    placement: Literal["prefix", "user_start", "user_end"] = Field(
+        "prefix",
+        description="where the privileged block goes: prefix (before the templated student prompt, official), "
+        "user_start (at the start of the user message) or user_end (at its end, right before the reply)",
     )
     skills: SkillSettings = Field(default_factory=SkillSettings)
     context_template: str = Field(
@@ -437,7 +444,7 @@ def with_environment_defaults(config: RunConfig) -> RunConfig:
             f"teacher.context is 'skills' but {env_class.__name__} ships no skill bank: set teacher.skills.bank to a "
             "folder of markdown skills, or teacher.context to 'plan' or 'both'."
         )
-    if bank is not None and teacher.context != "plan":
+    if bank is not None and teacher.context in ("skills", "both"):
         try:
             SkillBank.load(bank)
         except SkillBankError as err:

@@ -5,7 +5,8 @@ gates/step-N.jsonl: the response tokens and, per token,
     S_t   student log-prob (the one the loss used)
     T_t   teacher log-prob, the same weights shown the privileged context
     g_t = sigmoid(beta * (T_t - S_t))     the gate: near 1 endorsed, near 0 rejected
-plus the turn's action, reward and advantage. Observations are not stored in the records.
+plus the turn's action, reward and advantage, and the teacher.placement and teacher.context the teacher
+prompt was built with (teacher_placement, teacher_context). Observations are not stored in the records.
 """
 
 from __future__ import annotations

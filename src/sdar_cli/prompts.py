@@ -76,6 +76,18 @@ def render_user_message(
     )
 
 
+NEXT_ACTION_LINE = "The expert's next action is: {action}"
+
+
+def next_action_context(plan: str, expert_action: str | None) -> str:
+    """The plan, then a line stating the expert's next action (teacher.context next_action); the plan alone
+    when there is no expert action (no expert, or the goal is met)."""
+    if not expert_action:
+        return plan
+    line = NEXT_ACTION_LINE.format(action=expert_action)
+    return f"{plan}\n{line}" if plan else line
+
+
 def parse_action(response_text: str, pattern: re.Pattern[str]) -> str | None:
     """The text of the last match of `pattern` (group 1), stripped; None when there is none."""
     matches = pattern.findall(response_text)

@@ -12,6 +12,7 @@ import math
 import numbers
 import re
 import threading
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from .prompts import (
     DEFAULT_PROMPT_TEMPLATE,
     canonical_action,
     judge_action,
+    next_action_context,
     parse_action,
     render_user_message,
 )
@@ -90,8 +92,18 @@ class _EpisodeState:
         return self.observation.text
 
 
+#: how many tasks' contexts the renderer keeps to draw `teacher.context: shuffled` controls from
+SHUFFLE_POOL_TASKS = 256
+
+
 class TurnRenderer:
-    """Builds the student and teacher prompt ids of a turn."""
+    """Builds the student and teacher prompt ids of a turn.
+
+    The teacher's prompt holds the privileged block (teacher.context_template around the context) where
+    teacher.placement says: `prefix` puts its tokens before the student's templated prompt ids (official
+    SDAR); `user_start` / `user_end` put its text at the start / end of the user message, rendered again
+    through the chat template. Only the prompt side differs: the response ids are the student's.
+    """
 
     def __init__(
         self,
@@ -108,10 +120,14 @@ class TurnRenderer:
         self.teacher = teacher
         self.template = rollout.prompt_template or DEFAULT_PROMPT_TEMPLATE
         self.truncated_prompts = 0
-        uses_skills = teacher.context != "plan" and teacher.skills.bank is not None
+        uses_skills = teacher.context in ("skills", "both") and teacher.skills.bank is not None
         self.skill_bank = SkillBank.load(teacher.skills.bank) if uses_skills else None
         self._skills_text: dict[tuple[str, str], str] = {}
         self._skills_lock = threading.Lock()
+        #: task id -> (its latest next_action context, token count), the pool `shuffled` draws from
+        self._context_pool: dict[str, tuple[str, int]] = {}
+        #: `shuffled` turns that found no other task's context yet and showed the header only
+        self.shuffled_fallbacks = 0
 
     def student_prompt_text(
         self,
@@ -122,8 +138,21 @@ class TurnRenderer:
         window: int | None = None,
     ) -> str:
         """The templated student prompt showing the last `window` history pairs (default rollout.history_turns)."""
+        return self.chat_prompt_text(self.user_message(task, history, observation_text, admissible_actions, window))
+
+    def user_message(
+        self,
+        task: Task,
+        history: Sequence[tuple[str, str]],
+        observation_text: str,
+        admissible_actions: list[str],
+        window: int | None = None,
+    ) -> str:
         window = self.rollout.history_turns if window is None else window
-        user = render_user_message(self.template, task.description, history, window, observation_text, admissible_actions)
+        return render_user_message(self.template, task.description, history, window, observation_text, admissible_actions)
+
+    def chat_prompt_text(self, user: str) -> str:
+        """A user message through the chat template, with the generation prompt and rollout.response_prefix."""
         messages = [{"role": "user", "content": user}]
         if self.rollout.system_prompt is not None:
             messages.insert(0, {"role": "system", "content": self.rollout.system_prompt})
@@ -143,7 +172,9 @@ class TurnRenderer:
     ) -> tuple[list[int], list[int]]:
         """The student and teacher prompt ids of a turn, each within rollout.max_prompt_tokens by one rule.
 
-        The teacher's is the privileged prefix then a student prompt. A prompt too long drops the oldest
+        The teacher's is the privileged block then a student prompt (teacher.placement prefix), or the user
+        message with the block at its start or end through the chat template (user_start, user_end). A prompt
+        too long drops the oldest
         history pairs first (the chat template's head, the task and the current observation stay); if it is
         still too long without history, its middle is cut, keeping its head (template, task, prefix) and its
         tail (instructions and the generation prompt). `truncated_prompts` counts the turns shortened.
@@ -159,7 +190,17 @@ class TurnRenderer:
         widest = min(self.rollout.history_turns, len(history))
         student_prefix = self.teacher_prefix_ids(self.skills_text(task)) if self.skills_in_student_prompt else []
         student, cut_student = self._fitted(prompt_ids, widest, student_prefix)
-        teacher, cut_teacher = self._fitted(prompt_ids, widest, self.teacher_prefix_ids(privileged))
+        block = self.privileged_block(privileged)
+        if block and self.teacher.placement != "prefix":
+
+            def teacher_ids(window: int) -> list[int]:
+                user = self.user_message(task, history, observation_text, admissible_actions, window)
+                user = block + user if self.teacher.placement == "user_start" else user.rstrip() + "\n\n" + block.rstrip()
+                return self.encode(self.chat_prompt_text(user))
+
+            teacher, cut_teacher = self._fitted(teacher_ids, widest, [])
+        else:
+            teacher, cut_teacher = self._fitted(prompt_ids, widest, self.encode(block) if block else [])
         self.truncated_prompts += cut_student or cut_teacher
         return student, teacher
 
@@ -185,14 +226,61 @@ class TurnRenderer:
                 self._skills_text[key] = render_skills(skills)
             return self._skills_text[key]
 
-    def privileged_context(self, task: Task, plan: str) -> str:
-        """What the teacher is shown (teacher.context): the task's skills, the expert plan, or both."""
+    def privileged_context(self, task: Task, plan: str, env: Environment | None = None) -> str:
+        """What the teacher is shown (teacher.context): the task's skills, the expert plan, or both; the plan
+        and the expert's next action (`env.expert_action()` in the current state); another task's such context
+        (shuffled); or nothing (none: the block is the context_template's header only)."""
+        context = self.teacher.context
+        if context == "none":
+            return ""
+        if context in ("next_action", "shuffled"):
+            own = next_action_context(plan, env.expert_action() if env is not None else None)
+            if context == "next_action":
+                return own
+            self.remember_contexts([(task, plan, env)])
+            return self._shuffled_context(task.task_id, own)
         parts = []
         if self.teacher.context in ("skills", "both"):
             parts.append(self.skills_text(task))
         if self.teacher.context in ("plan", "both"):
             parts.append(plan)
         return "\n\n".join(part for part in parts if part)
+
+    def remember_contexts(self, states: Iterable[tuple[Task, str, Environment | None]]) -> None:
+        """Add (task, plan, env) states' next_action contexts to the pool `shuffled` draws from (a no-op for other
+        contexts); the rollout adds every episode of a turn first, so each finds the others' contexts."""
+        if self.teacher.context != "shuffled":
+            return
+        for task, plan, env in states:
+            text = next_action_context(plan, env.expert_action() if env is not None else None)
+            self._context_pool.pop(task.task_id, None)
+            self._context_pool[task.task_id] = (text, len(self.encode(text)))
+        while len(self._context_pool) > SHUFFLE_POOL_TASKS:
+            del self._context_pool[next(iter(self._context_pool))]
+
+    def _shuffled_context(self, task_id: str, own: str) -> str:
+        """Another task's context whose token count is nearest to `own`'s (ties: a stable pseudo-random pick)."""
+        others = [(other, text, length) for other, (text, length) in self._context_pool.items() if other != task_id]
+        if not others:
+            self.shuffled_fallbacks += 1
+            return ""
+        length = len(self.encode(own))
+        _, text, _ = min(
+            others, key=lambda item: (abs(item[2] - length), zlib.crc32(f"{task_id}|{item[0]}".encode()))
+        )
+        return text
+
+    def privileged_block(self, privileged: str) -> str:
+        """The text the teacher's prompt adds: context_template around the context ('' when there is no
+        context, except for teacher.context none, whose block is the template's header)."""
+        if not privileged and self.teacher.context != "none":
+            return ""
+        return self.teacher.context_template.format(context=privileged)
+
+    def teacher_block_ids(self, privileged: str) -> list[int]:
+        """The privileged block's tokens: what the teacher's prompt adds, in any placement."""
+        block = self.privileged_block(privileged)
+        return self.encode(block) if block else []
 
     def teacher_prefix_ids(self, privileged: str) -> list[int]:
         if not privileged:
@@ -416,7 +504,8 @@ def _play_turns(
         active = [state for state in episodes if not state.done]
         if not active:
             break
-        privileged_texts = [renderer.privileged_context(s.task, s.observation.privileged) for s in active]
+        renderer.remember_contexts((s.task, s.observation.privileged, s.env) for s in active)
+        privileged_texts = [renderer.privileged_context(s.task, s.observation.privileged, s.env) for s in active]
         turn_prompts = [
             renderer.turn_prompt_ids(
                 s.task, s.history, s.shown_observation(), s.observation.admissible_actions, privileged

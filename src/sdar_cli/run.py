@@ -318,8 +318,8 @@ def measured_privileged_tokens(config: RunConfig, tasks: int = PRIVILEGED_SAMPLE
             split = env.task_ids(config.env.train_split)
             for task_id in [split[i * len(split) // tasks] for i in range(min(tasks, len(split)))]:
                 task, observation = env.reset(task_id)
-                privileged = renderer.privileged_context(task, observation.privileged)
-                longest = max(longest, len(renderer.teacher_prefix_ids(privileged)))
+                privileged = renderer.privileged_context(task, observation.privileged, env)
+                longest = max(longest, len(renderer.teacher_block_ids(privileged)))
             return longest
         finally:
             env.close()

@@ -538,6 +538,8 @@ class SDARTrainer(GRPOTrainer):
                     "beta": self.gate_beta,
                     "action": sample.action,
                     "valid": sample.valid,
+                    "teacher_placement": self.config.teacher.placement,
+                    "teacher_context": self.config.teacher.context,
                 }
             )
         return rows
