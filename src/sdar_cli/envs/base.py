@@ -20,7 +20,8 @@ What the trainer reads from an environment:
     rollout_defaults         rollout settings this environment needs (its action tags, prompt, history
                              window); a value the user sets in the config wins
     skill_bank               the shipped skill bank for the teacher ("alfworld", ...), or None
-    expert_action()          optional: the expert's next action, for `sdar warmup` demonstrations
+    expert_action()          optional: the expert's next action, for `sdar warmup` demonstrations,
+                             `sdar probe-teacher` and teacher.context next_action
 
 Environments whose engine is an optional extra import it inside `__init__` with `require_module`,
 so a missing extra is reported with the pip command that installs it.
@@ -158,8 +159,9 @@ class Environment(ABC):
         """Apply one admissible action text and return what follows."""
 
     def expert_action(self) -> str | None:
-        """The expert's next action from the current state, for `sdar warmup`'s demonstrations; None when
-        this environment has no expert (the default)."""
+        """The expert's next action from the current state, for `sdar warmup`'s demonstrations, the states
+        `sdar probe-teacher` probes and teacher.context next_action; None when this environment has no expert
+        (the default). Called once per turn of a rollout with that context: keep it cheap."""
         return None
 
     def close(self) -> None:
