@@ -3,7 +3,8 @@
 Each turn's user message = task + the last H (observation, action) pairs + the current observation
 + the admissible actions, rendered through the model's chat template. The teacher sees the same
 templated prompt with the privileged context put in front of it (official SDAR), so the prompt
-tokens after the prefix and the response tokens are the student's, unchanged.
+tokens after the prefix and the response tokens are the student's, unchanged; teacher.placement
+user_start / user_end put it inside the user message instead (TurnRenderer.teacher_prompt_ids).
 """
 
 from __future__ import annotations
