@@ -285,3 +285,9 @@ def test_train_dry_run_probe_teacher_prints_the_verdict(tiny_model_dir, tmp_path
     assert plain.exit_code == 0 and probed.exit_code == 0, probed.output
     assert "Verdict:" not in plain.output
     assert "Estimated peak" in probed.output and "Verdict:" in probed.output and "8 states" in probed.output
+
+
+def test_probe_teacher_runs_in_one_process(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(app, ["probe-teacher", str(tmp_path / "run.yaml")])
+    assert result.exit_code == 2 and "sdar probe-teacher runs in one process" in result.output
