@@ -150,6 +150,23 @@ def changed(*sets: str) -> Callable[[Ctx], list[str]]:
     return command
 
 
+def written_by_older_sdar(*sets: str) -> Callable[[Ctx], list[str]]:
+    """A run whose config.yaml predates teacher.placement (an sdar version without that key)."""
+    def command(ctx: Ctx) -> list[str]:
+        saved = yaml.safe_load((ctx.copy_finished() / "config.yaml").read_text())
+        del saved["teacher"]["placement"]
+        (ctx.run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+        return ctx.train(*sets, resume=True)
+
+    return command
+
+
+def new_key_recorded(ctx: Ctx) -> None:
+    trained([1, 2, 3], [1, 2, 3])(ctx)
+    [line] = (ctx.run / CONFIG_CHANGES_FILE).read_text().splitlines()
+    assert json.loads(line)["changes"]["teacher.placement"] == {"from": None, "to": "prefix"}
+
+
 def safe_changes_recorded(ctx: Ctx) -> None:
     trained([1, 2, 3], [1, 2, 3])(ctx)
     saved = yaml.safe_load((ctx.run / "config.yaml").read_text())
@@ -310,6 +327,10 @@ CASES = [
          refused_unchanged),
     Case("resume-safe-changes", changed("train.max_steps=3", "output.save_gates=false"), 0, "Done: 3 steps",
          safe_changes_recorded),
+    Case("resume-older-run-new-key-at-default", written_by_older_sdar("train.max_steps=3"), 0, "Done: 3 steps",
+         new_key_recorded),
+    Case("resume-older-run-new-key-changed", written_by_older_sdar("teacher.placement=user_end", "train.max_steps=3"), 2,
+         "teacher.placement (None -> 'user_end')", trained([1, 2], [1, 2])),
     # 8. I/O errors: exit 2, what happened, what to do
     Case("output-under-a-file", lambda ctx: ctx.train(run=under_a_file(ctx)), 2, "choose another --output-dir"),
     Case("disk-full-mid-run", full_disk_at_step_2, 2, "No space left on device", trained([1], [1])),

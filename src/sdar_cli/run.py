@@ -33,7 +33,16 @@ from . import distributed
 from .config import EnvSettings, RunConfig
 from .envs import environment_factory
 from .models import check_lora_targets, load_base_model, load_model_config, load_tokenizer, pick_device, pick_dtype
-from .resume import LOCK_FILE, RunInUse, changed_settings, checkpoint_problem, is_safe_change, record_changes, run_lock
+from .resume import (
+    LOCK_FILE,
+    RunInUse,
+    changed_settings,
+    checkpoint_problem,
+    flat_settings,
+    is_safe_change,
+    record_changes,
+    run_lock,
+)
 from .trainer import SDARTrainer, TrainingAborted, grpo_args
 
 METRICS_FILE = "metrics.jsonl"
@@ -154,7 +163,14 @@ def check_resumable(config: RunConfig, saved_config: Path) -> dict[str, tuple[An
             "(e.g. from your config file and --set overrides), or delete it to resume with the config you pass now."
         )
     changes = changed_settings(saved, config.model_dump(mode="json"))
-    refused = [key for key in changes if not is_safe_change(key)]
+    # a key the run's sdar version did not know yet is taken at its default (what a newer sdar adds keeps the
+    # earlier behaviour by default); set to anything else, it is a change like any other
+    written = flat_settings(saved)
+    defaults = flat_settings(RunConfig().model_dump(mode="json"))
+    refused = [
+        key for key, (_, new) in changes.items()
+        if not is_safe_change(key) and (key in written or key not in defaults or new != defaults[key])
+    ]
     if refused:
         listed = ", ".join(f"{key} ({changes[key][0]!r} -> {changes[key][1]!r})" for key in refused)
         raise RunDirError(
