@@ -16,7 +16,7 @@ tokens), then the fixed responses are trained on. Phases:
     update           the rest of the step: loss forward/backward, optimizer, gate records
 
 Each algorithm runs in its own fresh process so that its peak memory is its own:
-`torch.cuda.max_memory_allocated` on a GPU, peak RSS (`ru_maxrss`) on a CPU.
+`torch.cuda.max_memory_allocated` on a GPU, peak RSS on a CPU (VmHWM, counted from just before the model loads, so the imports' transient peak is not the run's).
 """
 
 from __future__ import annotations
@@ -441,6 +441,8 @@ def measure(bench: BenchConfig, algorithm: str, model_dir: Path, run_dir: Path) 
 
     config = run_config(bench, algorithm, model_dir, run_dir)
     device = pick_device(config.train.device)
+    # the peak counts from here: the imports' transient peak is not the run's (a tiny model never reaches it)
+    _restart_peak_rss()
     baseline_bytes = _peak_rss_bytes()
     tokenizer = load_tokenizer(config.model)
     model = load_base_model(config.model, device)
@@ -604,7 +606,25 @@ def _no_environment():
     raise RuntimeError("the benchmark's rollout is synthetic; it never builds an environment")
 
 
+def _restart_peak_rss() -> None:
+    """Set the process's peak RSS (Linux VmHWM) to its current RSS; where that is not possible the peak keeps
+    counting from the process's start."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
 def _peak_rss_bytes() -> int:
+    """VmHWM (which _restart_peak_rss resets), else ru_maxrss (the peak since the process started)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
