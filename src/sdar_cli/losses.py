@@ -1,6 +1,6 @@
 """The math of SDAR as small pure functions over tensors (no project imports).
 
-Notation, per response token y_t of one turn (see docs: method):
+Notation, per response token y_t of one turn (docs/method.md has the whole method):
     S_t = log pi_theta(y_t | s, y_<t)          student log-prob, carries the gradient
     T_t = log pi_teacher(y_t | s+, y_<t)       teacher log-prob under the privileged prompt s+, no gradient
     D_t = T_t - sg(S_t)                        teacher-student gap
