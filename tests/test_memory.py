@@ -77,9 +77,10 @@ def test_per_token_sizes():
     # bf16 base, fp32 LoRA: each module saves its own (autocast bf16) copy of its input: 7 inputs (64) + q
     bf16 = Setup("cuda", 2, False, 2, LINEAR_MODULES, False)
     assert layer_activation_bytes_per_token(SMALL, bf16, padded=True) == (72 + 32 + 48 + 14) * 2 + 64
-    # 4-bit base: TRL keeps LoRA in bf16, so no cast copies
+    # 4-bit base: the adapters stay fp32 there too (TRL's bf16 cast is undone), so the same cast copies
     qlora = Setup("cuda", 2, True, 2, LINEAR_MODULES, False)
-    assert layer_activation_bytes_per_token(SMALL, qlora, padded=True) == 126 * 2 + 64
+    assert qlora.lora_bytes == 4
+    assert layer_activation_bytes_per_token(SMALL, qlora, padded=True) == (72 + 32 + 48 + 14) * 2 + 64
     assert forward_transient_bytes_per_token(SMALL, 4) == 4 * (16 + 48) + 64
     # 2 (k and v) * 2 layers * kv_dim 4 * 3 rows * 10 tokens * 2 bytes
     assert kv_cache_bytes(SMALL, rows=3, tokens=10, dtype_bytes=2) == 960
@@ -117,11 +118,13 @@ def test_checkpointing_keeps_only_layer_inputs_and_cuda_scores_only_responses():
     setup = Setup("cuda", 2, True, 2, LINEAR_MODULES, gradient_checkpointing=True)
     estimate = estimate_peak_memory(SMALL, WORKLOAD, setup)
     parts = estimate.components
-    # 18 tokens x 2 layers x h 8 x 2 bytes; backward re-runs one layer (316 bytes a token) and holds its gradients
-    assert parts["activations"] == 18 * 2 * 8 * 2 and parts["backward_workspace"] == 2 * 18 * 316
+    # 18 tokens x 2 layers x h 8 x 2 bytes; backward re-runs one layer (396 bytes a token) and holds its gradients
+    assert parts["activations"] == 18 * 2 * 8 * 2 and parts["backward_workspace"] == 2 * 18 * 396
+    # fp32 adapters over the 4-bit base: 512 parameters x 4 bytes x (weights + two AdamW moments), fp32 gradients
+    assert parts["lora_and_adamw"] == 512 * 4 * 3 and parts["lora_gradients"] == 512 * 4
     # Triton scores the 2 x 3 response positions, one bf16 tile of 6 x 100
     assert parts["logprob_head"] == 6 * 8 * (2 + 4) + 6 * 100 * 2
-    assert estimate.phases["update"] == parts["weights"] + parts["lora_and_adamw"] + 1024 + 576 + 2 * 18 * 316
+    assert estimate.phases["update"] == parts["weights"] + parts["lora_and_adamw"] + 2048 + 576 + 2 * 18 * 396
 
 
 def test_grpo_without_kl_has_no_logprob_pass():

@@ -115,8 +115,9 @@ class Setup:
 
     @property
     def lora_bytes(self) -> int:
-        # PEFT keeps adapters in fp32 over a bf16 base; TRL casts them to bf16 over a 4-bit base (QLoRA)
-        return 2 if self.load_in_4bit else 4
+        # adapters, their gradients and AdamW's moments are fp32 over any base: PEFT keeps them so over
+        # bf16, and SDARTrainer undoes TRL's bf16 cast over a 4-bit base (models.adapter_weights_to_fp32)
+        return 4
 
     @property
     def lora_inputs_cast(self) -> bool:

@@ -34,7 +34,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import rotate_checkpoints
 from trl import GRPOConfig, GRPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
 
 from . import distributed
 from .batching import collate_turn_samples
@@ -53,7 +52,7 @@ from .losses import (
     sdar_token_loss,
     skill_sd_token_loss,
 )
-from .models import adapter_switched_off, lora_config
+from .models import adapter_switched_off, adapter_weights_to_fp32, checkpointing_paused, lora_config
 from .rollout import EnvTimeouts, EpisodeResult, HFPolicy, TurnRenderer, TurnSample, play_episodes
 
 SDAR_STATE_FILE = "sdar_state.json"
@@ -149,6 +148,7 @@ class SDARTrainer(GRPOTrainer):
             callbacks=[*(callbacks or []), _NonFiniteGuard(self)],
         )
         score_only_labelled_positions_on_cpu()
+        adapter_weights_to_fp32(self.model)
         # sdar shows its own progress and per-step summary
         self.remove_callback(PrinterCallback)
         self.remove_callback(ProgressCallback)
@@ -191,7 +191,7 @@ class SDARTrainer(GRPOTrainer):
         model = self.accelerator.unwrap_model(self.model)
         self.renderer.truncated_prompts = 0  # counted per rollout
 
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        with torch.no_grad(), checkpointing_paused(self.model, self.args.gradient_checkpointing_kwargs):
             was_training = model.training
             model.eval()
             try:
@@ -239,7 +239,7 @@ class SDARTrainer(GRPOTrainer):
         batch_size = self.config.train.logprob_batch_size
 
         reference_started = time.perf_counter()
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        with torch.no_grad(), checkpointing_paused(self.model, self.args.gradient_checkpointing_kwargs):
             if self.beta != 0.0:
                 with adapter_switched_off(model):
                     batch["ref_per_token_logps"], _, _ = self._get_per_token_logps_and_entropies(
@@ -459,16 +459,14 @@ class SDARTrainer(GRPOTrainer):
         return self.current_gradient_accumulation_steps / self.args.steps_per_generation
 
     def _record_gates(self, inputs, student_logps, teacher_logps, gate) -> None:
+        """Keep each real row's per-token values; one host copy for the whole micro-batch."""
+        values = torch.stack([student_logps.detach(), teacher_logps, gate]).float().cpu()
         lengths = inputs["completion_mask"].sum(-1).tolist()
         for row, sample_index in enumerate(inputs["sample_index"].tolist()):
             if sample_index < 0:
                 continue
-            n = int(lengths[row])
-            self._gate_records[sample_index] = {
-                "student_logp": student_logps[row, :n].detach().float().cpu().tolist(),
-                "teacher_logp": teacher_logps[row, :n].float().cpu().tolist(),
-                "gate": gate[row, :n].float().cpu().tolist(),
-            }
+            student, teacher, row_gate = values[:, row, : int(lengths[row])].tolist()
+            self._gate_records[sample_index] = {"student_logp": student, "teacher_logp": teacher, "gate": row_gate}
 
     # ------------------------------------------------------------------------------ step bookkeeping
     def training_step(self, model, inputs, num_items_in_batch):

@@ -1,0 +1,77 @@
+"""The parts of the GPU path a CPU can check: fp32 adapters under a quantized base, gradient-checkpointing
+hooks that do not pile up, and one host copy of the gates per micro-batch."""
+
+from __future__ import annotations
+
+import torch
+from conftest import build_trainer, one_torch_thread, tiny_config
+from transformers import TrainerCallback
+
+from sdar_cli.models import adapter_weights_to_fp32, load_base_model
+
+
+def test_adamw_at_a_small_learning_rate_needs_fp32_adapter_weights():
+    """Why the cast matters: the same AdamW steps change every fp32 entry but few bf16 ones."""
+    torch.manual_seed(0)
+    start = torch.randn(64, 256) * 0.02  # the scale of a freshly initialised lora_A
+    grads = [torch.randn(64, 256) for _ in range(10)]
+    changed = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        weight = torch.nn.Parameter(start.to(dtype).clone())
+        optimizer = torch.optim.AdamW([weight], lr=1e-5, weight_decay=0.0)
+        for grad in grads:
+            weight.grad = grad.to(dtype)
+            optimizer.step()
+        changed[dtype] = (weight.detach() != start.to(dtype)).float().mean().item()
+    assert changed[torch.float32] > 0.99
+    assert changed[torch.bfloat16] < 0.3
+
+    layer = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    layer.bias.requires_grad_(False)
+    assert adapter_weights_to_fp32(layer) == 1
+    assert layer.weight.dtype == torch.float32 and layer.bias.dtype == torch.bfloat16
+
+
+def test_adapter_and_optimizer_state_stay_fp32_over_a_quantized_base(tiny_model_dir, tmp_path):
+    """A bf16 base flagged as 4-bit takes TRL's QLoRA path, which casts the adapter to bf16; SDARTrainer
+    casts it back, and AdamW's moments follow the parameters."""
+    config = tiny_config(tiny_model_dir, tmp_path / "run", "model.dtype=bfloat16", "train.max_steps=1", "train.save_steps=100")
+    model = load_base_model(config.model, torch.device("cpu"))
+    model.is_loaded_in_4bit = True  # what bitsandbytes sets; TRL reads only this flag
+    with one_torch_thread():
+        trainer, _ = build_trainer(config, tmp_path / "run", model=model)
+        adapter = {name: p for name, p in trainer.model.named_parameters() if p.requires_grad}
+        frozen = [p for p in trainer.model.parameters() if not p.requires_grad]
+        assert adapter and all(".lora_" in name for name in adapter)
+        assert {p.dtype for p in adapter.values()} == {torch.float32}
+        assert {p.dtype for p in frozen} == {torch.bfloat16}
+        before = {name: p.detach().clone() for name, p in adapter.items()}
+        trainer.train()
+    moments = [v for state in trainer.optimizer.state.values() for k, v in state.items() if k.startswith("exp_avg")]
+    assert moments and {m.dtype for m in moments} == {torch.float32}
+    assert any(not torch.equal(before[name], p.detach()) for name, p in adapter.items())
+
+
+class _EmbeddingHookCounter(TrainerCallback):
+    def __init__(self):
+        self.trainer = None
+        self.counts: list[int] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.counts.append(len(self.trainer.model.get_input_embeddings()._forward_hooks))
+
+
+def test_gradient_checkpointing_hooks_stay_constant_over_steps(tiny_model_dir, tmp_path):
+    """Each step pauses checkpointing twice (rollout, log-prob passes); re-enabling must not add hooks
+    (TRL's context manager left 4, 6, 8, 10 after steps 1-4)."""
+    config = tiny_config(
+        tiny_model_dir, tmp_path / "run", "train.gradient_checkpointing=true", "train.max_steps=4", "train.save_steps=100"
+    )
+    counter = _EmbeddingHookCounter()
+    with one_torch_thread():
+        trainer, _ = build_trainer(config, tmp_path / "run", callbacks=[counter])
+        counter.trainer = trainer
+        trainer.train()
+    assert trainer.model.is_gradient_checkpointing
+    assert len(counter.counts) == 4 and counter.counts[0] >= 1
+    assert counter.counts == [counter.counts[0]] * 4
