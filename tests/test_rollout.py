@@ -12,7 +12,13 @@ from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
 from sdar_cli.batching import collate_turn_samples
 from sdar_cli.config import RolloutSettings, TeacherSettings
 from sdar_cli.envs.builtin import HouseholdEnv
-from sdar_cli.rollout import INVALID_ACTION_NOTE, TurnRenderer, play_episodes, sampled_response
+from sdar_cli.rollout import (
+    INVALID_ACTION_NOTE,
+    TurnRenderer,
+    play_episodes,
+    sampled_response,
+    stop_string_end_ids,
+)
 
 
 @pytest.fixture(scope="module")
@@ -173,9 +179,26 @@ def test_sampled_response_ends_at_eos_or_stop_string_not_at_padding(tokenizer):
     # stopped by "</action>": generate pads the row with pad ids, which must not count as sampled
     action = char_by_char(tokenizer, "look</action>")
     padded = action + [tokenizer.pad_token_id] * 3
-    assert sampled_response(padded, eos, ["</action>"], tokenizer.decode) == action
+    ends = stop_string_end_ids(tokenizer, ["</action>"])
+    assert sampled_response(padded, eos, ["</action>"], tokenizer.decode, ends) == action
     # an eos pad after a stop string is not a sampled eos either
-    assert sampled_response(action + [eos, eos], eos, ["</action>"], tokenizer.decode) == action
+    assert sampled_response(action + [eos, eos], eos, ["</action>"], tokenizer.decode, ends) == action
+
+
+def test_stop_strings_are_checked_by_token_and_decoded_once_per_row(tokenizer):
+    ends = stop_string_end_ids(tokenizer, ["</action>"])
+    assert ends == {i for i in range(len(tokenizer)) if ">" in tokenizer.decode([i])}
+    assert stop_string_end_ids(tokenizer, ["</action>"]) is ends  # decoded once per tokenizer
+    decoded = []
+
+    def counting_decode(ids):
+        decoded.append(list(ids))
+        return tokenizer.decode(ids)
+
+    action = char_by_char(tokenizer, "go to kitchen</action>")
+    row = action + [tokenizer.pad_token_id] * 5
+    assert sampled_response(row, tokenizer.eos_token_id, ["</action>"], counting_decode, ends) == action
+    assert decoded == [action]  # one decode, at the token that closes the stop string
 
 
 def test_response_prefix_is_prompt_side_and_parsed_as_part_of_the_response(tokenizer):
