@@ -75,3 +75,43 @@ def test_gradient_checkpointing_hooks_stay_constant_over_steps(tiny_model_dir, t
     assert trainer.model.is_gradient_checkpointing
     assert len(counter.counts) == 4 and counter.counts[0] >= 1
     assert counter.counts == [counter.counts[0]] * 4
+
+
+def test_a_4bit_weight_counts_its_logical_parameters_not_its_packed_bytes():
+    from types import SimpleNamespace
+
+    from sdar_cli.bench import logical_parameter_count
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6, bias=False), torch.nn.LayerNorm(6))
+    assert logical_parameter_count(model) == 48 + 12
+    # what bitsandbytes leaves: a uint8 tensor of 24 bytes holding the 48 NF4 values, the shape in quant_state
+    packed = torch.nn.Parameter(torch.zeros(24, 1, dtype=torch.uint8), requires_grad=False)
+    packed.quant_state = SimpleNamespace(shape=torch.Size([6, 8]))
+    model[0].weight = packed
+    assert sum(p.numel() for p in model.parameters()) == 24 + 12
+    assert logical_parameter_count(model) == 48 + 12
+
+
+def test_a_cuda_bench_table_shows_reserved_allocated_and_the_context():
+    from rich.console import Console
+
+    from sdar_cli.bench import BenchConfig, build_report, render_table
+
+    gib = 1 << 30
+    run = {
+        "steps": [{"generation": 1.0, "reference_pass": 1.0, "teacher_pass": 0.0, "update": 2.0, "step": 4.0}],
+        "memory": {
+            "peak_bytes": 9 * gib, "baseline_bytes": None, "after_load_bytes": None, "peak_over_baseline_bytes": 9 * gib,
+            "allocated_peak_bytes": 7 * gib, "cuda_context_bytes": gib // 2,
+        },
+        "estimate": {"peak_bytes": 8 * gib},
+        "hardware": {"device": "cuda", "memory_kind": "max reserved", "device_name": "GPU"},
+        "shape": {"parameters": 7.6e9, "lora_parameters": 1.6e8},
+    }  # fmt: skip
+    report = build_report(BenchConfig(), {"grpo": [run], "sdar": [run]})
+    console = Console(width=200, record=True)
+    console.print(render_table(report))
+    text = console.export_text()
+    assert "peak memory (max reserved)" in text and "9.00" in text
+    assert "peak allocated (tensors alone)" in text and "7.00" in text
+    assert "CUDA context (not in reserved)" in text and "0.50" in text

@@ -16,7 +16,10 @@ tokens), then the fixed responses are trained on. Phases:
     update           the rest of the step: loss forward/backward, optimizer, gate records
 
 Each algorithm runs in its own fresh process so that its peak memory is its own:
-`torch.cuda.max_memory_allocated` on a GPU, peak RSS on a CPU (VmHWM, counted from just before the model loads, so the imports' transient peak is not the run's).
+`torch.cuda.max_memory_reserved` on a GPU (what PyTorch's caching allocator held at its peak, which is
+what must fit; the CUDA context comes on top and is reported apart as `cuda_context_bytes`; the peak
+of the tensors alone, `max_memory_allocated`, is kept as `allocated_peak_bytes`), peak RSS on a CPU
+(VmHWM, counted from just before the model loads, so the imports' transient peak is not the run's).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import platform
 import resource
@@ -315,6 +319,9 @@ def render_table(report: dict[str, Any]):
     add(f"peak memory ({hardware['memory_kind']})", lambda a: a["memory"]["peak_bytes"], gib)
     if hardware["device"] == "cpu":
         add("peak RSS over baseline", lambda a: a["memory"]["peak_over_baseline_bytes"], gib)
+    else:
+        add("peak allocated (tensors alone)", lambda a: a["memory"]["allocated_peak_bytes"], gib)
+        add("CUDA context (not in reserved)", lambda a: a["memory"]["cuda_context_bytes"], gib)
     add("estimated peak (memory.py)", lambda a: a["estimate"]["peak_bytes"], gib)
     return table
 
@@ -544,7 +551,14 @@ def measure(bench: BenchConfig, algorithm: str, model_dir: Path, run_dir: Path) 
     lora_parameters = lora_parameter_count(shape, setup.lora_r, setup.lora_modules)
     if on_cuda:
         peak = phase_peaks.overall
-        memory = {"peak_bytes": peak, "baseline_bytes": None, "after_load_bytes": None, "peak_over_baseline_bytes": peak}
+        memory = {
+            "peak_bytes": peak,
+            "baseline_bytes": None,
+            "after_load_bytes": None,
+            "peak_over_baseline_bytes": peak,
+            "allocated_peak_bytes": phase_peaks.overall_allocated,
+            "cuda_context_bytes": _cuda_context_bytes(device),
+        }
     else:
         peak = _peak_rss_bytes()
         memory = {
@@ -566,20 +580,41 @@ def measure(bench: BenchConfig, algorithm: str, model_dir: Path, run_dir: Path) 
         },
         "shape": {
             **shape.__dict__,
-            "parameters": sum(p.numel() for p in model.parameters()) - lora_parameters,
+            "parameters": logical_parameter_count(model) - lora_parameters,
             "lora_parameters": lora_parameters,
         },
         "hardware": _hardware(device),
     }
 
 
+def logical_parameter_count(model) -> int:
+    """The model's parameters as its config defines them. A bitsandbytes 4-bit weight packs two values a
+    byte, so its `numel()` is half its count; its `quant_state.shape` is the weight's real shape."""
+    total = 0
+    for parameter in model.parameters():
+        quant_state = getattr(parameter, "quant_state", None)
+        total += math.prod(quant_state.shape) if quant_state is not None else parameter.numel()
+    return total
+
+
+def _cuda_context_bytes(device) -> int:
+    """Device memory in use that PyTorch's allocator does not hold: mostly the CUDA context and kernels
+    (other processes on the same GPU count too)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, total - free - torch.cuda.memory_reserved(device))
+
+
 class _PhasePeaks:
-    """On CUDA, the peak allocated memory of each phase of the last step, and the overall peak."""
+    """On CUDA, the peak reserved memory of each phase of the last step, and the overall peaks (reserved
+    and allocated). Reserved is what decides fitting: freed blocks stay cached, fragmented, in the pool."""
 
     def __init__(self, on_cuda: bool):
         self.on_cuda = on_cuda
         self.peaks: dict[str, int] = {}
         self.overall = 0
+        self.overall_allocated = 0
 
     def mark(self, phase: str | None) -> None:
         """Close the phase that ends now (None: just start counting) and start the next one."""
@@ -588,8 +623,9 @@ class _PhasePeaks:
         import torch
 
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
+        peak = torch.cuda.max_memory_reserved()
         self.overall = max(self.overall, peak)
+        self.overall_allocated = max(self.overall_allocated, torch.cuda.max_memory_allocated())
         if phase is not None:
             self.peaks[phase] = peak
         torch.cuda.reset_peak_memory_stats()
@@ -651,7 +687,7 @@ def _hardware(device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
-        info.update(device_name=properties.name, gpu_memory_bytes=properties.total_memory, memory_kind="max allocated")
+        info.update(device_name=properties.name, gpu_memory_bytes=properties.total_memory, memory_kind="max reserved")
     else:
         info.update(device_name=f"{info['cpu']} ({info['torch_threads']} threads)", memory_kind="peak RSS")
     return info

@@ -367,7 +367,7 @@ def bench(
     The model is random-initialised from the config's shape (tiny, smollm2-135m, qwen2.5-3b,
     qwen2.5-7b: no download). Each algorithm runs in its own process; the report gives per-phase
     seconds (generation, reference pass, teacher pass, update), tokens per second, peak memory
-    (max allocated on a GPU, peak RSS on a CPU), the memory.py estimate, and the sdar/grpo time and
+    (max reserved on a GPU, plus the CUDA context apart; peak RSS on a CPU), the memory.py estimate, and the sdar/grpo time and
     memory ratios against the targets (1.15 and 1.05). Writes a JSON report and prints a table.
     """
     _single_process("bench")
