@@ -3,6 +3,8 @@ hooks that do not pile up, and one host copy of the gates per micro-batch."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from conftest import build_trainer, one_torch_thread, tiny_config
 from transformers import TrainerCallback
@@ -115,3 +117,74 @@ def test_a_cuda_bench_table_shows_reserved_allocated_and_the_context():
     assert "peak memory (max reserved)" in text and "9.00" in text
     assert "peak allocated (tensors alone)" in text and "7.00" in text
     assert "CUDA context (not in reserved)" in text and "0.50" in text
+
+
+def _seven_b_dry_run_config(folder):
+    from transformers import Qwen2Config
+
+    from sdar_cli.bench import SHAPES
+    from sdar_cli.config import load_config
+
+    Qwen2Config(**SHAPES["qwen2.5-7b"]).save_pretrained(folder)  # the config alone: no weights
+    return load_config(None, [
+        f"model.name={folder}", "model.load_in_4bit=true", "model.lora.r=64", "model.lora.alpha=128",
+        "rollout.tasks_per_step=4", "rollout.group_size=8", "rollout.max_turns=15", "rollout.max_prompt_tokens=2048",
+        "rollout.max_new_tokens=512", "train.micro_batches=8", "train.gradient_checkpointing=true", "train.device=cuda",
+    ])  # fmt: skip
+
+
+def test_advice_names_the_smallest_knob_change_that_fits(tmp_path):
+    from sdar_cli.memory import (
+        ModelShape,
+        advice_to_fit,
+        estimate_peak_memory,
+        setup_for_run,
+        workload_for_run,
+    )
+    from sdar_cli.models import load_model_config
+
+    config = _seven_b_dry_run_config(tmp_path)
+    shape = ModelShape.from_config(load_model_config(config.model))
+    workload = workload_for_run(config, 15)
+    setup = setup_for_run(config, "cuda", 2)
+
+    def peak(**changes):
+        return estimate_peak_memory(shape, replace(workload, **changes), setup).peak
+
+    budget = 72 * 2**30
+    assert peak() > budget
+    advice = advice_to_fit(shape, workload, setup, budget, episodes=32)
+    assert [a.settings for a in advice] == [{"train.micro_batches": 16}]  # 32 episodes: 16 is the next divisor
+    assert advice[0].peak == peak(micro_batches=16) <= budget
+    # the log-prob passes are not what overflows here: no logprob_batch_size reaches the budget alone
+    assert peak(logprob_batch_size=1) > budget
+    # 256-row log-prob passes: at 32 micro-batches only the passes overflow, and the advice is the largest
+    # logprob_batch_size that fits
+    wide = replace(workload, micro_batches=32, logprob_batch_size=256)
+    budget = 40 * 2**30
+    [advice] = advice_to_fit(shape, wide, setup, budget, episodes=32)
+    size = advice.settings["train.logprob_batch_size"]
+    assert list(advice.settings) == ["train.logprob_batch_size"] and 1 < size < 256
+    assert peak(micro_batches=32, logprob_batch_size=size) == advice.peak <= budget
+    assert peak(micro_batches=32, logprob_batch_size=size + 1) > budget
+    # at 8 micro-batches neither knob is enough alone: the first pair that fits
+    [advice] = advice_to_fit(shape, replace(wide, micro_batches=8), setup, budget, episodes=32)
+    assert advice.settings == {"train.micro_batches": 32, "train.logprob_batch_size": size}
+    # nothing these two knobs reach fits a budget below the weights
+    assert advice_to_fit(shape, workload, setup, 2**30, episodes=32) == []
+
+
+def test_dry_run_says_which_knob_brings_a_7b_run_under_the_visible_gpu(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import sdar_cli.run as run_module
+
+    config = _seven_b_dry_run_config(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "an 80 GiB GPU")
+    [warning] = run_module.dry_run(config)
+    assert warning.startswith("the estimated peak 110.66 GiB will not fit the visible GPU (an 80 GiB GPU, 80.00 GiB).")
+    assert "To fit, set train.micro_batches=16 (estimated peak 59.12 GiB, 51.54 GiB less)." in warning
+    # gradient checkpointing and the 4-bit base are already on: not suggested again
+    assert warning.endswith("Otherwise shorten rollout.max_prompt_tokens.")

@@ -15,7 +15,7 @@ graph of a layer; they are estimates: `docs/performance.md` compares them with m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 #: PEFT's names of the seven projections of a Llama/Qwen2 decoder layer
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -274,6 +274,47 @@ def estimate_peak_memory(shape: ModelShape, workload: Workload, setup: Setup) ->
         "update": resident + update,
     }
     return MemoryEstimate(components=components, phases=phases)
+
+
+@dataclass(frozen=True)
+class FitAdvice:
+    """Settings that bring the estimated peak under a budget, and the peak they give."""
+
+    settings: dict[str, int]
+    peak: int
+
+
+def advice_to_fit(shape: ModelShape, workload: Workload, setup: Setup, budget: float, episodes: int) -> list[FitAdvice]:
+    """The smallest change of each memory knob that brings the estimated peak under `budget` bytes.
+
+    `train.micro_batches`: the fewest micro-batches (a divisor of the step's `episodes`, as the config
+    requires) above the current count; `train.logprob_batch_size`: the largest size below the current
+    one (fewer, larger passes are faster). When neither fits alone, the first pair that does. Empty
+    when nothing these two knobs reach fits.
+    """
+
+    def peak(micro_batches: int, logprob_batch_size: int) -> int:
+        changed = replace(workload, micro_batches=micro_batches, logprob_batch_size=logprob_batch_size)
+        return estimate_peak_memory(shape, changed, setup).peak
+
+    micro_options = [d for d in range(workload.micro_batches + 1, episodes + 1) if episodes % d == 0]
+    logprob_options = [n for n in range(workload.logprob_batch_size - 1, 0, -1)]
+    advice = []
+    for micro in micro_options:
+        if (value := peak(micro, workload.logprob_batch_size)) <= budget:
+            advice.append(FitAdvice({"train.micro_batches": micro}, value))
+            break
+    for size in logprob_options:
+        if (value := peak(workload.micro_batches, size)) <= budget:
+            advice.append(FitAdvice({"train.logprob_batch_size": size}, value))
+            break
+    if advice:
+        return advice
+    for micro in micro_options:
+        for size in logprob_options:
+            if (value := peak(micro, size)) <= budget:
+                return [FitAdvice({"train.micro_batches": micro, "train.logprob_batch_size": size}, value)]
+    return []
 
 
 def lora_modules(target_modules: list[str] | str) -> tuple[str, ...]:

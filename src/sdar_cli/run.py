@@ -348,7 +348,7 @@ def dry_run(config: RunConfig, console: Console | None = None) -> list[str]:
     directory; return the warnings (it will not fit the visible GPU or this machine's memory)."""
     from rich.table import Table
 
-    from .memory import ModelShape, estimate_peak_memory, setup_for_run, workload_for_run
+    from .memory import ModelShape, advice_to_fit, estimate_peak_memory, setup_for_run, workload_for_run
 
     console = console or Console()
     model_config = load_model_config(config.model)
@@ -368,7 +368,8 @@ def dry_run(config: RunConfig, console: Console | None = None) -> list[str]:
         privileged_note = (f"{measured} privileged tokens (the longest first-turn prefix of {PRIVILEGED_SAMPLE_TASKS} "
                            "train tasks; later turns can differ)")
     setup = setup_for_run(config, device, torch.finfo(dtype).bits // 8)
-    estimate = estimate_peak_memory(ModelShape.from_config(model_config), workload, setup)
+    shape = ModelShape.from_config(model_config)
+    estimate = estimate_peak_memory(shape, workload, setup)
 
     weights = "4-bit NF4" if setup.load_in_4bit else str(dtype).removeprefix("torch.")
     console.print(
@@ -416,9 +417,19 @@ def dry_run(config: RunConfig, console: Console | None = None) -> list[str]:
     if capacity is not None:
         # the CUDA context, the allocator's fragmentation and other processes need room as well
         if estimate.peak > FIT_FRACTION * capacity:
+            episodes = config.rollout.tasks_per_step * config.rollout.group_size
+            advice = advice_to_fit(shape, workload, setup, FIT_FRACTION * capacity, episodes)
+            others = [
+                *([] if advice else ["raise train.micro_batches"]),
+                *([] if setup.gradient_checkpointing else ["turn on train.gradient_checkpointing"]),
+                "shorten rollout.max_prompt_tokens",
+                *([] if setup.load_in_4bit else ["load the model in 4-bit"]),
+            ]
             warnings.append(
-                f"the estimated peak {_gib(estimate.peak)} GiB will not fit {where}. Raise train.micro_batches, "
-                "turn on train.gradient_checkpointing, shorten rollout.max_prompt_tokens, or load the model in 4-bit."
+                f"the estimated peak {_gib(estimate.peak)} GiB will not fit {where}. "
+                + (_fit_advice_text(advice, estimate.peak) + " Otherwise " if advice else "To fit, ")
+                + (", ".join(others[:-1]) + " or " + others[-1] if len(others) > 1 else others[0])
+                + "."
             )
         else:
             console.print(f"Fits {where} with {_gib(capacity - estimate.peak)} GiB to spare.", highlight=False)
@@ -427,6 +438,16 @@ def dry_run(config: RunConfig, console: Console | None = None) -> list[str]:
 
 #: the share of a device's memory a run may plan to use
 FIT_FRACTION = 0.9
+
+
+def _fit_advice_text(advice, peak: int) -> str:
+    """'To fit, set train.micro_batches=16 (estimated peak ... GiB, ... GiB less) or ....'"""
+    options = [
+        "set " + " and ".join(f"{key}={value}" for key, value in choice.settings.items())
+        + f" (estimated peak {_gib(choice.peak)} GiB, {_gib(peak - choice.peak)} GiB less)"
+        for choice in advice
+    ]
+    return "To fit, " + " or ".join(options) + "."
 
 
 def _gib(value: int) -> str:
