@@ -53,7 +53,8 @@ def collate_turn_samples(
     Keys: prompt_ids/mask (left-padded), completion_ids/mask (right-padded; the ids are exactly the
     sampled `response_ids`), advantages [B], sample_index [B] (-1 on padding rows), and the scalars
     num_items_in_batch (real response tokens) and num_samples_in_batch. With `with_teacher`, also
-    teacher_prompt_ids/mask: the privileged prompt the teacher scores the same response under.
+    teacher_prompt_ids/mask: the privileged prompt the teacher scores the same response under. When the
+    sampler kept its log-probs (vLLM), also sampling_per_token_logps.
     """
     if not samples and min_rows <= 0:
         raise ValueError("cannot build a batch from zero turn-samples")
@@ -79,6 +80,12 @@ def collate_turn_samples(
     }
     if with_teacher:
         batch["teacher_prompt_ids"], batch["teacher_prompt_mask"] = left_pad([s.teacher_prompt_ids for s in rows], pad_id)
+    if all(s.sampler_logps is not None for s in samples):
+        # the sampler's log-prob of each completion id (vLLM), aligned with completion_ids, 0 on padding
+        logps = torch.zeros(completion_ids.shape)
+        for i, row in enumerate(rows):
+            logps[i, : len(row.sampler_logps)] = torch.tensor(row.sampler_logps)
+        batch["sampling_per_token_logps"] = logps
     return batch
 
 

@@ -72,6 +72,20 @@ class EnvSettings(_Section):
     )
 
 
+class VLLMSettings(_Section):
+    """rollout.engine: vllm only."""
+
+    importance_sampling: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "none"] = Field(
+        "token_truncate",
+        description="correction for vLLM's log-probs differing from the training forward's (TRL's "
+        "vllm_importance_sampling_mode): ratios capped at importance_sampling_cap, or masked above it; none: off",
+    )
+    importance_sampling_cap: float = Field(3.0, gt=0.0, description="largest importance ratio kept")
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0.0, lt=1.0, description="share of the GPU vLLM may take for weights and KV cache (CUDA only)"
+    )
+
+
 class RolloutSettings(_Section):
     group_size: int = Field(8, ge=2, description="G: episodes per task; advantages are normalised within a group")
     tasks_per_step: int = Field(4, ge=1, description="tasks per rollout batch (each played group_size times)")
@@ -111,6 +125,10 @@ class RolloutSettings(_Section):
         None,
         description="user-message template with {task}, {history}, {step}, {observation}, {actions}; None: the default",
     )
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="generation: transformers' generate (hf) or an in-process vLLM engine (pip install 'sdar-cli[vllm]')"
+    )
+    vllm: VLLMSettings = Field(default_factory=VLLMSettings)
 
     @field_validator("prompt_template")
     @classmethod

@@ -141,3 +141,31 @@ def skill_sd_token_loss(teacher_logps: torch.Tensor, student_logps: torch.Tensor
     k3 = torch.exp(gap) - 1 - gap
     rho = torch.exp((student_logps - old_logps.detach()).clamp(max=10.0))
     return rho * k3
+def sampler_importance_ratio(
+    train_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, mode: str, cap: float
+) -> torch.Tensor:
+    """Truncated importance sampling for a sampler (vLLM) whose log-probs differ from the trainer's.
+
+        token_*:     w_t = exp(sg(S_t) - S^samp_t)                 per token   [B, T]
+        sequence_*:  w   = exp(sum_t mask_t (sg(S_t) - S^samp_t))  per response [B, 1]
+        *_truncate:  min(w, cap)          *_mask:  w if w <= cap else 0
+
+    The policy-gradient term of each token is multiplied by w (TRL's `vllm_importance_sampling_*`),
+    so the update estimates the gradient of the trainer's policy from the sampler's samples. Positions
+    outside `mask` get a difference of 0.
+    """
+    difference = (train_logps.detach() - sampler_logps) * mask
+    if mode.startswith("sequence"):
+        difference = difference.sum(-1, keepdim=True)
+    ratio = torch.exp(difference)
+    if mode.endswith("truncate"):
+        return ratio.clamp(max=cap)
+    if mode.endswith("mask"):
+        return ratio.masked_fill(ratio > cap, 0.0)
+    raise ValueError(f"unknown importance sampling mode {mode!r}")
+
+
+def sampler_logp_mismatch(train_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean over real tokens of |S_t - S^samp_t|: how far the sampler's log-probs are from the trainer's."""
+    mask = mask.to(train_logps.dtype)
+    return ((train_logps.detach() - sampler_logps).abs() * mask).sum() / mask.sum().clamp(min=1)

@@ -35,7 +35,9 @@ from .prompts import (
 
 logger = logging.getLogger(__name__)
 
-#: a policy maps a batch of prompt token-id lists to a batch of sampled response token-id lists
+#: a policy maps a batch of prompt token-id lists to a batch of sampled response token-id lists. A policy
+#: whose sampler's log-probs differ from the trainer's (vLLM) also sets `sampler_logps` after each call: one
+#: list per response, the log-prob of each sampled id; they are kept on the turn-samples.
 Policy = Callable[[list[list[int]]], list[list[int]]]
 
 INVALID_ACTION_NOTE = "Your last response had no admissible action, so nothing happened."
@@ -58,6 +60,7 @@ class TurnSample:
     truncated: bool
     privileged: str
     reward: float = 0.0
+    sampler_logps: list[float] | None = None  # the sampler's log-prob of each response id (vLLM only)
 
 
 @dataclass
@@ -539,8 +542,11 @@ def _play_turns(
         ]
         prompt_ids = [student for student, _ in turn_prompts]
         responses = policy(prompt_ids)
+        sampler_logps = getattr(policy, "sampler_logps", None) or [None] * len(responses)
         moves = []
-        for state, (prompt, teacher_prompt), privileged, response in zip(active, turn_prompts, privileged_texts, responses):
+        for state, (prompt, teacher_prompt), privileged, response, logps in zip(
+            active, turn_prompts, privileged_texts, responses, sampler_logps
+        ):
             observation = state.observation
             text = rollout.response_prefix + renderer.tokenizer.decode(response, skip_special_tokens=True)
             action = parse_action(text, pattern)
@@ -560,6 +566,7 @@ def _play_turns(
                 valid=valid,
                 truncated=len(response) >= rollout.max_new_tokens and response[-1] != eos,
                 privileged=privileged,
+                sampler_logps=logps,
             )
             samples.append(sample)
             episode_samples.setdefault(state.result.episode, []).append(sample)

@@ -48,6 +48,8 @@ from .losses import (
     masked_token_sum,
     rlsd_lambda,
     rlsd_token_advantages,
+    sampler_importance_ratio,
+    sampler_logp_mismatch,
     sdar_gate,
     sdar_token_loss,
     skill_sd_token_loss,
@@ -176,6 +178,14 @@ class SDARTrainer(GRPOTrainer):
         #: episodes played by all processes together (global ids: rank r's follow those of ranks < r)
         self._episodes_played = 0
         self._first_episode = 0
+        self._vllm_policy = None
+        self._loss_inputs: dict[str, torch.Tensor] | None = None
+        vllm = config.rollout.vllm
+        if config.rollout.engine == "vllm" and vllm.importance_sampling != "none":
+            # TRL's loss multiplies each token's policy term by inputs["importance_sampling_ratio"] under
+            # these two flags; the ratio is computed from the training forward's own log-probs in
+            # _get_per_token_logps_and_entropies (TRL's vLLM generation itself is never used)
+            self.use_vllm = self.vllm_importance_sampling_correction = True
 
     # ----------------------------------------------------------------------------------- rollout
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -300,19 +310,31 @@ class SDARTrainer(GRPOTrainer):
         self, model: PreTrainedModel, task_ids: list[str], groups: list[int]
     ) -> tuple[list[TurnSample], list[EpisodeResult]]:
         """The rollout of one step (no gradient, eval mode): each task id played once, batched."""
-        policy = HFPolicy(model, self.processing_class, self.config.rollout)
+        if self.config.rollout.engine == "vllm":
+            from .vllm_policy import VLLMPolicy
+
+            if self._vllm_policy is None:
+                self._vllm_policy = VLLMPolicy(self.processing_class, self.config, self.accelerator.device)
+            policy = self._vllm_policy
+            policy.load_adapter(model)  # this step's adapter, as a LoRARequest
+        else:
+            policy = HFPolicy(model, self.processing_class, self.config.rollout)
         self.renderer.truncated_prompts = 0  # counted per step
-        return play_episodes(
-            task_ids,
-            groups,
-            self.make_env,
-            policy,
-            self.renderer,
-            self.max_turns,
-            self._first_episode,
-            env_workers=self.config.env.workers,
-            timeouts=EnvTimeouts(self.config.env.reset_timeout_s, self.config.env.step_timeout_s),
-        )
+        try:
+            return play_episodes(
+                task_ids,
+                groups,
+                self.make_env,
+                policy,
+                self.renderer,
+                self.max_turns,
+                self._first_episode,
+                env_workers=self.config.env.workers,
+                timeouts=EnvTimeouts(self.config.env.reset_timeout_s, self.config.env.step_timeout_s),
+            )
+        finally:
+            if policy is self._vllm_policy:
+                policy.sleep()  # the device memory goes back to the training phases
 
     def _seconds_since(self, started: float) -> float:
         """Wall seconds since `started`, after the GPU has finished the work queued so far."""
@@ -377,19 +399,34 @@ class SDARTrainer(GRPOTrainer):
         result = super()._get_per_token_logps_and_entropies(*args, **kwargs)
         if self._capture_student:
             self._captured_student_logps = result[0]
+            if self._loss_inputs is not None and "sampling_per_token_logps" in self._loss_inputs:
+                self._correct_for_the_sampler(self._loss_inputs, result[0])
         return result
+
+    def _correct_for_the_sampler(self, inputs, student_logps: torch.Tensor) -> None:
+        """vLLM rollouts: the truncated importance ratio TRL's loss applies, and the log-prob mismatch."""
+        sampler_logps, mask = inputs["sampling_per_token_logps"], inputs["completion_mask"]
+        # the trainer's log-probs at rollout time: the current ones, unless updates already moved the policy
+        train_logps = inputs.get("old_per_token_logps", student_logps)
+        vllm = self.config.rollout.vllm
+        if vllm.importance_sampling != "none":
+            inputs["importance_sampling_ratio"] = sampler_importance_ratio(
+                train_logps, sampler_logps, mask, vllm.importance_sampling, vllm.importance_sampling_cap
+            )
+        mismatch = sampler_logp_mismatch(train_logps, sampler_logps, mask)
+        self._metrics["train"]["sampler_logp_mismatch"].append(mismatch.item())
 
     def _compute_loss(self, model, inputs):
         # the official KL (clamped k3, plain gradient) is added below, so TRL's own KL term is switched off
         official_kl = self.beta != 0.0 and self.config.algorithm.kl_estimator == "k3"
         kl_coef = self.beta
-        self._capture_student = True
+        self._capture_student, self._loss_inputs = True, inputs
         if official_kl:
             self.beta = 0.0
         try:
             loss = super()._compute_loss(model, inputs)
         finally:
-            self._capture_student = False
+            self._capture_student, self._loss_inputs = False, None
             self.beta = kl_coef
         student_logps, self._captured_student_logps = self._captured_student_logps, None
         if official_kl:
