@@ -170,6 +170,9 @@ def evaluate(
         typer.Option("--set", help="Override a config key, e.g. --set eval.decoding=greedy (repeatable)."),
     ] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report to this JSON file.")] = None,
+    engine: Annotated[
+        Optional[str], typer.Option("--engine", help="Generation engine: hf or vllm (rollout.engine; default: the config's).")
+    ] = None,
 ) -> None:
     """Evaluate trained agents (or a base model) on held-out tasks.
 
@@ -200,6 +203,8 @@ def evaluate(
         cli_overrides.append(f"eval.episodes={episodes}")
     if split is not None:
         cli_overrides.append(f"env.eval_split={split}")
+    if engine is not None:
+        cli_overrides.append(f"rollout.engine={engine}")
     try:
         with _stop_on_interrupt("the evaluation"):
             report = evaluate_targets(targets, config, cli_overrides, console)
@@ -300,6 +305,9 @@ def inspect_gates(
     overrides: Annotated[
         Optional[list[str]], typer.Option("--set", help="Override a config key for fresh episodes (repeatable).")
     ] = None,
+    engine: Annotated[
+        Optional[str], typer.Option("--engine", help="Engine for fresh episodes: hf or vllm (rollout.engine).")
+    ] = None,
 ) -> None:
     """Show where the teacher endorses (gate near 1) or rejects (near 0) the agent's own tokens.
 
@@ -317,7 +325,8 @@ def inspect_gates(
         if is_training_run(path):
             view = load_run_view(path, step, task, episode, turn)
         else:
-            view = _probe_gates(target, config, episodes, overrides or [], task, episode, turn)
+            engine_override = [f"rollout.engine={engine}"] if engine is not None else []
+            view = _probe_gates(target, config, episodes, [*(overrides or []), *engine_override], task, episode, turn)
         print_gates(console, view, limit)
         if html is not None:
             from .gates_html import write_html

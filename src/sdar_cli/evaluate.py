@@ -138,14 +138,26 @@ def play_evaluation(
     settings = config.eval
     slots = [(task_id, group) for group, task_id in enumerate(task_ids) for _ in range(settings.samples_per_task)]
     torch.manual_seed(settings.seed)
-    policy = HFPolicy(
-        model,
-        tokenizer,
-        config.rollout,
-        max_batch_size=settings.batch_size,
-        do_sample=settings.decoding == "sample",
-        temperature=settings.temperature,
-    )
+    if config.rollout.engine == "vllm":
+        from .vllm_policy import VLLMPolicy
+
+        policy = VLLMPolicy(
+            tokenizer,
+            config,
+            next(model.parameters()).device,
+            do_sample=settings.decoding == "sample",
+            temperature=settings.temperature,
+        )
+        policy.load_adapter(model)  # the target's adapter (none for a base model)
+    else:
+        policy = HFPolicy(
+            model,
+            tokenizer,
+            config.rollout,
+            max_batch_size=settings.batch_size,
+            do_sample=settings.decoding == "sample",
+            temperature=settings.temperature,
+        )
     renderer = TurnRenderer(tokenizer, config.rollout, config.teacher, skills_in_student_prompt)
     samples: list[TurnSample] = []
     episodes: list[EpisodeResult] = []

@@ -224,6 +224,9 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False, console: Conso
     as it was."""
     console = console or Console()
     device = pick_device(config.train.device)
+    from .vllm_policy import check_engine
+
+    check_engine(config)
     rollout = config.rollout
     distributed.check_world_fits(
         rollout.tasks_per_step, rollout.group_size, config.train.micro_batches, config.train.updates_per_rollout

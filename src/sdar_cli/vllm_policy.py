@@ -49,6 +49,15 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def check_engine(config: RunConfig) -> None:
+    """Fail before any loading when rollout.engine=vllm cannot run here (the message says how to fix it)."""
+    if config.rollout.engine != "vllm":
+        return
+    if not vllm_available():
+        raise ModelLoadError(f"rollout.engine=vllm needs the vllm package, which is not installed: {VLLM_INSTALL}")
+    max_lora_rank(config.model.lora.r)
+
+
 def max_lora_rank(r: int) -> int:
     """The smallest rank vLLM accepts that holds an adapter of rank `r`."""
     for rank in VLLM_LORA_RANKS:
@@ -59,23 +68,23 @@ def max_lora_rank(r: int) -> int:
 
 def _engine(config: RunConfig, device: torch.device):
     """One engine per process and base model (loading one takes seconds to minutes): built once, reused."""
-    if not vllm_available():
-        raise ModelLoadError(f"rollout.engine=vllm needs the vllm package, which is not installed: {VLLM_INSTALL}")
+    check_engine(config)
     from vllm import LLM
 
     model, rollout, settings = config.model, config.rollout, config.rollout.vllm
     dtype = str(pick_dtype(model.dtype, device)).removeprefix("torch.")
-    key = (resolve_model_path(model.name), dtype, model.load_in_4bit, max_lora_rank(model.lora.r), device.type)
+    path, max_model_len = resolve_model_path(model.name), rollout.max_prompt_tokens + rollout.max_new_tokens
+    key = (path, dtype, model.load_in_4bit, max_lora_rank(model.lora.r), max_model_len, device.type)
     if key not in _ENGINES:
         on_cuda = device.type == "cuda"
         kwargs = dict(
-            model=key[0],
-            tokenizer=key[0],
+            model=path,
+            tokenizer=path,
             dtype=dtype,
             enable_lora=True,
-            max_lora_rank=key[3],
+            max_lora_rank=max_lora_rank(model.lora.r),
             max_loras=1,
-            max_model_len=rollout.max_prompt_tokens + rollout.max_new_tokens,
+            max_model_len=max_model_len,
             enable_prefix_caching=True,
             # the trainer scores tokens at the sampling temperature: compare like with like
             logprobs_mode="processed_logprobs",
