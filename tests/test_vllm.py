@@ -170,6 +170,9 @@ def test_sdar_train_with_vllm_trains_resumes_and_evaluates(vllm_model_dir, tmp_p
         assert resumed.exit_code == 0, resumed.output
         evaluated = CliRunner().invoke(app, ["eval", str(run), "--engine", "vllm", "-n", "4", "--json", str(tmp_path / "e.json")])
         assert evaluated.exit_code == 0, evaluated.output
+        probed = CliRunner().invoke(app, ["inspect-gates", str(run / "checkpoint-3"), "--engine", "vllm", "-n", "2"])
+        assert probed.exit_code == 0, probed.output
+        assert "gate" in probed.output.lower()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "sampler_logp_mismatch" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
