@@ -125,7 +125,7 @@ class VLLMPolicy:
             n=1,
             temperature=(temperature or rollout.temperature) if do_sample else 0.0,
             top_p=rollout.top_p if do_sample else 1.0,
-            top_k=-1 if do_sample else None,  # sample the full distribution the trainer scores
+            top_k=0,  # off: sample the full distribution the trainer scores
             max_tokens=rollout.max_new_tokens,
             stop=self.stop_strings or None,
             include_stop_str_in_output=True,
