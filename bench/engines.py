@@ -136,18 +136,19 @@ def train_step_times(config_path: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", default=str(REPO / "examples" / "quickstart.yaml"))
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="timed rollout rounds per engine; 0 skips the rollout part")
     parser.add_argument("--train-steps", type=int, default=2, help="0 skips the training part")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    report = {"config": args.config, "rollouts": rollout_rates(args.config, args.rounds)}
-    rollouts = report["rollouts"]
-    print(f"Rollouts of one training step ({rollouts['episodes']} episodes), response tokens per second of generation:")
-    for name in ("hf", "vllm"):
-        rounds = ", ".join(f"{r['tokens']} tok / {r['seconds']:.1f} s" for r in rollouts[name]["rounds"])
-        print(f"  {name:5s} {rollouts[name]['tokens_per_second']:8.1f} tok/s   ({rounds}; warm-up {rollouts[name]['warmup_seconds']:.1f} s)")
-    print(f"  vllm / hf: {rollouts['ratio_vllm_over_hf']:.2f}x   (vLLM engine start {rollouts['vllm_engine_start_seconds']:.1f} s)")
+    report: dict = {"config": args.config}
+    if args.rounds:
+        report["rollouts"] = rollouts = rollout_rates(args.config, args.rounds)
+        print(f"Rollouts of one training step ({rollouts['episodes']} episodes), response tokens per second of generation:")
+        for name in ("hf", "vllm"):
+            rounds = ", ".join(f"{r['tokens']} tok / {r['seconds']:.1f} s" for r in rollouts[name]["rounds"])
+            print(f"  {name:5s} {rollouts[name]['tokens_per_second']:8.1f} tok/s   ({rounds}; warm-up {rollouts[name]['warmup_seconds']:.1f} s)")
+        print(f"  vllm / hf: {rollouts['ratio_vllm_over_hf']:.2f}x   (vLLM engine start {rollouts['vllm_engine_start_seconds']:.1f} s)")
     if args.train_steps:
         report["training"] = train_step_times(args.config, args.train_steps)
         print(f"sdar train, {args.train_steps} step(s) each, fresh processes:")
