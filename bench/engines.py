@@ -5,8 +5,8 @@
 Needs vLLM (on a CPU: the second virtual environment of `.ci/vllm`, or see the README). Two parts:
 
 1. Rollouts: one training step's episodes (rollout.tasks_per_step tasks x rollout.group_size) played with
-   each engine on the same tasks, after an untimed warm-up round each (vLLM's first call compiles its
-   kernels), `rounds` timed rounds in alternating order. Reported: response tokens per second of
+   each engine on the same tasks, each engine in a fresh process: an untimed warm-up round (vLLM's first
+   call compiles its kernels), then a timed one; `rounds` processes per engine, in alternating order. Reported: response tokens per second of
    generation (the policy calls alone, not the environment) and their ratio vllm / hf. The episodes
    are sampled, so the two engines play different turns; tokens per second is what is compared.
 2. Training: `sdar train CONFIG --set train.max_steps=N` with each engine in a fresh process; the
@@ -58,7 +58,8 @@ class _TimedPolicy:
         return responses
 
 
-def rollout_rates(config_path: str, rounds: int) -> dict:
+def rollout_rate(config_path: str, engine: str) -> dict:
+    """One engine in this process: an untimed warm-up round, then one timed round of the step's episodes."""
     import torch
     from peft import get_peft_model
 
@@ -66,7 +67,6 @@ def rollout_rates(config_path: str, rounds: int) -> dict:
     from sdar_cli.envs import environment_factory
     from sdar_cli.models import load_base_model, load_tokenizer, lora_config, pick_device
     from sdar_cli.rollout import HFPolicy, TurnRenderer, play_episodes
-    from sdar_cli.vllm_policy import VLLMPolicy
 
     config = load_config(config_path, [])
     device = pick_device(config.train.device)
@@ -82,32 +82,50 @@ def rollout_rates(config_path: str, rounds: int) -> dict:
     renderer = TurnRenderer(tokenizer, config.rollout, config.teacher)
 
     started = time.perf_counter()
-    vllm_policy = VLLMPolicy(tokenizer, config, device)
-    vllm_policy.load_adapter(model)  # the (fresh) LoRA adapter as a LoRARequest, as in training
-    engine_start = time.perf_counter() - started
-    policies = {"hf": HFPolicy(model, tokenizer, config.rollout), "vllm": vllm_policy}
+    if engine == "vllm":
+        from sdar_cli.vllm_policy import VLLMPolicy
 
-    def play(name: str) -> _TimedPolicy:
-        timed = _TimedPolicy(policies[name])
+        policy = VLLMPolicy(tokenizer, config, device)
+        policy.load_adapter(model)  # the (fresh) LoRA adapter as a LoRARequest, as in training
+    else:
+        policy = HFPolicy(model, tokenizer, config.rollout)
+    start_seconds = time.perf_counter() - started
+
+    def play() -> _TimedPolicy:
+        timed = _TimedPolicy(policy)
         with torch.no_grad():
             play_episodes(episodes, groups, make_env, timed, renderer, max_turns)
         return timed
 
-    warmup = {name: play(name) for name in ("vllm", "hf")}
-    measured: dict[str, list[_TimedPolicy]] = {"hf": [], "vllm": []}
-    for index in range(rounds):
-        for name in ("hf", "vllm") if index % 2 == 0 else ("vllm", "hf"):
-            measured[name].append(play(name))
-    result = {
+    warmup, timed = play(), play()
+    return {
+        "engine": engine,
         "episodes": len(episodes),
-        "vllm_engine_start_seconds": engine_start,
+        "start_seconds": start_seconds,
+        "warmup_seconds": warmup.seconds,
+        "tokens": timed.tokens,
+        "seconds": timed.seconds,
+        "policy_calls": timed.calls,
         "torch_threads": torch.get_num_threads(),
     }
-    for name, runs in measured.items():
-        result[name] = {
-            "warmup_seconds": warmup[name].seconds,
-            "rounds": [{"tokens": r.tokens, "seconds": r.seconds, "policy_calls": r.calls} for r in runs],
-            "tokens_per_second": statistics.median(r.tokens / r.seconds for r in runs),
+
+
+def rollout_rates(config_path: str, rounds: int) -> dict:
+    """Each engine in its own fresh process (an in-process vLLM engine keeps threads that slow a
+    transformers generate sharing its process), `rounds` times, in alternating order."""
+    runs: dict[str, list[dict]] = {"hf": [], "vllm": []}
+    for index in range(rounds):
+        for engine in ("hf", "vllm") if index % 2 == 0 else ("vllm", "hf"):
+            with tempfile.TemporaryDirectory() as folder:
+                out = Path(folder) / "rate.json"
+                command = [sys.executable, __file__, config_path, "--rollout-worker", engine, "--json", str(out)]
+                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+                runs[engine].append(json.loads(out.read_text()))
+    result: dict = {"episodes": runs["hf"][0]["episodes"]}
+    for engine, engine_runs in runs.items():
+        result[engine] = {
+            "runs": engine_runs,
+            "tokens_per_second": statistics.median(r["tokens"] / r["seconds"] for r in engine_runs),
         }
     result["ratio_vllm_over_hf"] = result["vllm"]["tokens_per_second"] / result["hf"]["tokens_per_second"]
     return result
@@ -139,16 +157,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="timed rollout rounds per engine; 0 skips the rollout part")
     parser.add_argument("--train-steps", type=int, default=2, help="0 skips the training part")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--rollout-worker", choices=["hf", "vllm"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rollout_worker:
+        args.json.write_text(json.dumps(rollout_rate(args.config, args.rollout_worker)))
+        return
 
     report: dict = {"config": args.config}
     if args.rounds:
         report["rollouts"] = rollouts = rollout_rates(args.config, args.rounds)
         print(f"Rollouts of one training step ({rollouts['episodes']} episodes), response tokens per second of generation:")
         for name in ("hf", "vllm"):
-            rounds = ", ".join(f"{r['tokens']} tok / {r['seconds']:.1f} s" for r in rollouts[name]["rounds"])
-            print(f"  {name:5s} {rollouts[name]['tokens_per_second']:8.1f} tok/s   ({rounds}; warm-up {rollouts[name]['warmup_seconds']:.1f} s)")
-        print(f"  vllm / hf: {rollouts['ratio_vllm_over_hf']:.2f}x   (vLLM engine start {rollouts['vllm_engine_start_seconds']:.1f} s)")
+            runs = ", ".join(
+                f"{r['tokens']} tok / {r['seconds']:.1f} s (start {r['start_seconds']:.0f} s, warm-up {r['warmup_seconds']:.0f} s)"
+                for r in rollouts[name]["runs"]
+            )
+            print(f"  {name:5s} {rollouts[name]['tokens_per_second']:8.1f} tok/s   {runs}")
+        print(f"  vllm / hf: {rollouts['ratio_vllm_over_hf']:.2f}x")
     if args.train_steps:
         report["training"] = train_step_times(args.config, args.train_steps)
         print(f"sdar train, {args.train_steps} step(s) each, fresh processes:")
