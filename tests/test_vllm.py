@@ -185,3 +185,16 @@ def test_sdar_train_with_vllm_trains_resumes_and_evaluates(vllm_model_dir, tmp_p
     assert (run / "checkpoint-3").is_dir() and (run / "gates" / "step-3.jsonl").is_file()
     report = json.loads((tmp_path / "e.json").read_text())
     assert report["targets"][0]["overall"]["episodes"] == 4
+
+
+def test_the_batch_carries_the_samplers_log_probs_aligned_with_the_completions():
+    from sdar_cli.batching import collate_turn_samples
+    from sdar_cli.rollout import TurnSample
+
+    def sample(response, logps):
+        return TurnSample("t", "x", 0, 0, 0, [5, 6], [5, 6], response, "a", True, False, "", 1.0, sampler_logps=logps)
+
+    batch = collate_turn_samples([sample([8, 9], [-0.5, -1.5]), sample([7], [-2.0])], torch.zeros(2), 0, 4, False)
+    assert batch["sampling_per_token_logps"].tolist() == [[-0.5, -1.5], [-2.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
+    assert "sampling_per_token_logps" not in collate_turn_samples([sample([8], None)], torch.zeros(1), 0, 1, False)
+    assert "sampling_per_token_logps" not in collate_turn_samples([], torch.zeros(0), 0, 2, False, min_rows=2)

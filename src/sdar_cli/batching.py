@@ -80,10 +80,10 @@ def collate_turn_samples(
     }
     if with_teacher:
         batch["teacher_prompt_ids"], batch["teacher_prompt_mask"] = left_pad([s.teacher_prompt_ids for s in rows], pad_id)
-    if all(s.sampler_logps is not None for s in samples):
+    if samples and all(s.sampler_logps is not None for s in samples):
         # the sampler's log-prob of each completion id (vLLM), aligned with completion_ids, 0 on padding
         logps = torch.zeros(completion_ids.shape)
-        for i, row in enumerate(rows):
+        for i, row in enumerate(rows[: len(samples)]):
             logps[i, : len(row.sampler_logps)] = torch.tensor(row.sampler_logps)
         batch["sampling_per_token_logps"] = logps
     return batch

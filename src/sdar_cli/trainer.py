@@ -401,6 +401,9 @@ class SDARTrainer(GRPOTrainer):
             self._captured_student_logps = result[0]
             if self._loss_inputs is not None and "sampling_per_token_logps" in self._loss_inputs:
                 self._correct_for_the_sampler(self._loss_inputs, result[0])
+            elif self._loss_inputs is not None and self.use_vllm:
+                # no sampled row here (a process whose episodes all failed): nothing to correct
+                self._loss_inputs["importance_sampling_ratio"] = torch.ones_like(result[0])
         return result
 
     def _correct_for_the_sampler(self, inputs, student_logps: torch.Tensor) -> None:
