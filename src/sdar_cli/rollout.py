@@ -12,8 +12,8 @@ import math
 import numbers
 import re
 import threading
-import zlib
 import weakref
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
