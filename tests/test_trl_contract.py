@@ -25,13 +25,15 @@ OVERRIDDEN = {
 }
 
 #: batch keys our `_generate_and_score_completions` hands TRL and that TRL's `_compute_loss` must still read
-LOSS_READS = ["completion_mask", "advantages", "old_per_token_logps", "ref_per_token_logps", "num_items_in_batch"]
+LOSS_READS = [
+    "completion_mask", "advantages", "old_per_token_logps", "ref_per_token_logps", "num_items_in_batch",
+    "importance_sampling_ratio",  # rollout.engine: vllm (read under use_vllm and vllm_importance_sampling_correction)
+]  # fmt: skip
 
 #: TRL / transformers functions sdar calls or patches: (module, name, parameters that must exist)
 FUNCTIONS = [
     ("trl.trainer.utils", "_use_triton", ["device"]),  # patched by cpu_scoring.py
     ("trl.trainer.utils", "add_fused_lm_head", []),  # logprobs.py, teacher_probe.py: training's head
-    ("trl.models.utils", "disable_gradient_checkpointing", ["model", "gradient_checkpointing_kwargs"]),
     ("transformers.trainer_utils", "rotate_checkpoints", []),  # save_total_limit on the run directory
 ]
 
@@ -44,6 +46,8 @@ ATTRIBUTES = {
     "num_generations": int,
     "num_iterations": int,
     "loss_type": str,
+    "use_vllm": bool,  # with vllm_importance_sampling_correction: set by SDARTrainer for rollout.engine: vllm
+    "vllm_importance_sampling_correction": bool,
 }
 
 
