@@ -8,7 +8,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -29,6 +29,21 @@ console = Console()
 err_console = Console(stderr=True)
 
 USER_ERROR = 2
+
+
+def _fail(message: str) -> NoReturn:
+    """Print a user error (what is wrong and how to fix it) and exit with USER_ERROR, without a traceback."""
+    err_console.print(f"[red]Error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(USER_ERROR) from None
+
+
+@contextlib.contextmanager
+def _user_errors(*types: type[BaseException], describe: Callable[[Any], str] = str):
+    """Exceptions of `types` raised inside the block are user errors: `describe(err)` is printed, exit 2."""
+    try:
+        yield
+    except types as err:
+        _fail(describe(err))
 
 
 def _version(value: bool) -> None:
@@ -102,7 +117,16 @@ def train(
     if not distributed.is_main():  # under torchrun / accelerate launch the main process speaks for all
         console.quiet = err_console.quiet = True
 
-    try:
+    run_config = None
+
+    def disk_error(err: OSError) -> str:
+        run_dir = str(run_config.output.dir)
+        return (f"{_os_error(err)}. If this is the run directory ({run_dir}): free disk space or fix its permissions, "
+                f"or choose another --output-dir; continue with: sdar train {config} --output-dir {run_dir} --resume "
+                "(the checkpoints written are whole).")
+
+    with _user_errors(OSError, describe=disk_error), \
+            _user_errors(ConfigError, EnvironmentConfigError, ModelLoadError, RunDirError):
         run_config = load_config(config, overrides)
         if output_dir is not None:
             run_config.output.dir = str(output_dir)
@@ -117,19 +141,6 @@ def train(
         if probe:
             raise ConfigError("--probe-teacher goes with --dry-run (or run `sdar probe-teacher CONFIG`).")
         outcome = run_training(run_config, Path(run_config.output.dir), resume=resume, console=console)
-    except (ConfigError, EnvironmentConfigError, ModelLoadError, RunDirError) as err:
-        err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(USER_ERROR) from None
-    except OSError as err:
-        run_dir = escape(str(run_config.output.dir))
-        err_console.print(
-            f"[red]Error:[/red] {escape(_os_error(err))}. If this is the run directory ({run_dir}): free disk space or "
-            f"fix its permissions, or choose another --output-dir; continue with: sdar train {escape(str(config))} "
-            f"--output-dir {run_dir} --resume (the checkpoints written are whole).",
-            highlight=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(USER_ERROR) from None
     style = "green" if outcome.exit_code == 0 else ("yellow" if outcome.exit_code == 130 else "red")
     (console if outcome.exit_code == 0 else err_console).print(f"[{style}]{escape(outcome.message)}[/{style}]", highlight=False, soft_wrap=True)
     raise typer.Exit(outcome.exit_code)
@@ -195,9 +206,7 @@ def evaluate(
     if json_path is not None:
         problem = _unwritable(json_path)
         if problem:
-            err_console.print(f"[red]Error:[/red] --json {escape(str(json_path))}: {escape(problem)}. Pass a path in a "
-                              "writable folder (checked before playing any episode).", highlight=False, soft_wrap=True)
-            raise typer.Exit(USER_ERROR)
+            _fail(f"--json {json_path}: {problem}. Pass a path in a writable folder (checked before playing any episode).")
     cli_overrides = [*(overrides or [])]
     if episodes is not None:
         cli_overrides.append(f"eval.episodes={episodes}")
@@ -206,22 +215,17 @@ def evaluate(
     if engine is not None:
         cli_overrides.append(f"rollout.engine={engine}")
     try:
-        with _stop_on_interrupt("the evaluation"):
+        with _user_errors(ConfigError, EnvironmentConfigError, ModelLoadError, TargetError, EvalError), \
+                _stop_on_interrupt("the evaluation"):
             report = evaluate_targets(targets, config, cli_overrides, console)
-    except (ConfigError, EnvironmentConfigError, ModelLoadError, TargetError, EvalError) as err:
-        err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(USER_ERROR) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]Evaluation interrupted: no report was written.[/yellow]", highlight=False)
         raise typer.Exit(130) from None
     print_report(console, report)
     if json_path is not None:
-        try:
+        with _user_errors(OSError, describe=lambda err: f"could not write the report to {json_path}: "
+                          f"{_os_error(err)}. The results are printed above."):
             json_path.write_text(json.dumps(report, indent=2) + "\n")
-        except OSError as err:
-            err_console.print(f"[red]Error:[/red] could not write the report to {escape(str(json_path))}: "
-                              f"{escape(_os_error(err))}. The results are printed above.", highlight=False, soft_wrap=True)
-            raise typer.Exit(USER_ERROR) from None
         console.print(f"Report written to {json_path}", highlight=False)
 
 
@@ -321,7 +325,7 @@ def inspect_gates(
     from .gates import GateDataError, is_training_run, load_run_view, print_gates
 
     path = Path(target).expanduser()
-    try:
+    with _user_errors(GateDataError, OSError):
         if is_training_run(path):
             view = load_run_view(path, step, task, episode, turn)
         else:
@@ -338,9 +342,6 @@ def inspect_gates(
 
             write_png(png, view)
             console.print(f"Plots written to {png}", highlight=False)
-    except (GateDataError, OSError) as err:
-        err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(USER_ERROR) from None
 
 
 def _probe_gates(target: str, config: Optional[Path], episodes: int, overrides: list[str], *filters):
@@ -353,11 +354,8 @@ def _probe_gates(target: str, config: Optional[Path], episodes: int, overrides: 
     from .models import ModelLoadError
     from .targets import TargetError, resolve_target
 
-    try:
+    with _user_errors(ConfigError, EnvironmentConfigError, ModelLoadError, TargetError, EvalError):
         return probe_view(resolve_target(target, config, [*overrides, f"eval.episodes={episodes}"]), *filters)
-    except (ConfigError, EnvironmentConfigError, ModelLoadError, TargetError, EvalError) as err:
-        err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(USER_ERROR) from None
 
 
 @app.command()
@@ -387,13 +385,10 @@ def bench(
     from .config import ConfigError
     from .models import ModelLoadError
 
-    try:
+    with _user_errors(ConfigError, ModelLoadError, BenchError):
         bench_config = load_bench_config(config, overrides)
         with console.status("benchmarking") as status:
             report = run_benchmark(bench_config, on_progress=lambda text: status.update(f"benchmarking: {text}"))
-    except (ConfigError, ModelLoadError, BenchError) as err:
-        err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(USER_ERROR) from None
     console.print(heading(report), highlight=False, soft_wrap=True)
     console.print(render_table(report))
     for line in verdict_lines(report):
@@ -427,13 +422,10 @@ def warmup(
     from .warmup import WarmupError
     from .warmup import warmup as run_warmup
 
-    try:
+    with _user_errors(ConfigError, EnvironmentConfigError, ModelLoadError, WarmupError):
         run_config = load_config(config, overrides)
         with console.status("warm-up: demonstrations and fine-tuning"):
             summary = run_warmup(run_config, output_dir, console)
-    except (ConfigError, EnvironmentConfigError, ModelLoadError, WarmupError) as err:
-        err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(USER_ERROR) from None
     console.print(
         f"Warmed-up model written to {output_dir}: {summary['episodes']} expert episodes ({summary['turns']} turns, "
         f"{summary['expert_won']} won), {summary['optimizer_steps']} optimizer steps, loss {summary['first_loss']:.3f} -> "
@@ -479,13 +471,11 @@ def compare_methods(
     from .run import RunDirError
     from .targets import TargetError
 
-    try:
+    with _user_errors(ValueError, describe=lambda _: f"--seeds expects integers separated by commas, got {seeds!r}."):
         chosen_seeds = [int(part) for part in seeds.split(",")] if seeds else None
-    except ValueError:
-        err_console.print(f"[red]Error:[/red] --seeds expects integers separated by commas, got {escape(repr(seeds))}.")
-        raise typer.Exit(USER_ERROR) from None
     chosen_methods = [part.strip() for part in methods.split(",")] if methods else None
-    try:
+    with _user_errors(ConfigError, EnvironmentConfigError, ModelLoadError, RunDirError, TargetError, EvalError,
+                      CompareError):
         destination = output_dir or Path(load_spec(spec).output)
 
         def so_far(results: dict) -> None:
@@ -502,17 +492,10 @@ def compare_methods(
 
         results = compare(spec, destination, chosen_seeds, chosen_methods, console, reevaluate=reevaluate,
                           on_seed_done=so_far)
-    except (ConfigError, EnvironmentConfigError, ModelLoadError, RunDirError, TargetError, EvalError, CompareError) as err:
-        err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(USER_ERROR) from None
     console.print(results_table(results))
-    try:
+    with _user_errors(OSError, describe=lambda err: f"could not write the results to {destination}: {err}. Free space "
+                      "or fix permissions there, then re-run the same command (nothing is trained again)."):
         paths = write_results(results, destination)
-    except OSError as err:
-        err_console.print(f"[red]Error:[/red] could not write the results to {escape(str(destination))}: {escape(str(err))}. "
-                          "Free space or fix permissions there, then re-run the same command (nothing is trained again).",
-                          highlight=False, soft_wrap=True)
-        raise typer.Exit(USER_ERROR) from None
     console.print(f"Results written to {', '.join(map(str, paths))}", highlight=False, soft_wrap=True)
 
 
@@ -550,7 +533,7 @@ def probe_teacher(
     from .teacher_probe import ProbeError, report_lines
     from .teacher_probe import probe_teacher as run_probe
 
-    try:
+    with _user_errors(ConfigError, EnvironmentConfigError, ModelLoadError, TargetError, ProbeError):
         if checkpoint is not None:
             target = resolve_target(str(checkpoint), config, overrides or [])
         else:
@@ -558,9 +541,6 @@ def probe_teacher(
             target = Target(run_config.model.name, "base", run_config, None, None)
         with console.status(f"probing the teacher on {states} expert states"):
             report = run_probe(target, states)
-    except (ConfigError, EnvironmentConfigError, ModelLoadError, TargetError, ProbeError) as err:
-        err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(USER_ERROR) from None
     for line in report_lines(report):
         console.print(escape(line), highlight=False, soft_wrap=True)
     if json_path is not None:
@@ -576,9 +556,9 @@ def _single_process(command: str) -> None:
     try:
         refuse_several(command)
     except DistributedConfigError as err:
-        if is_main():
-            err_console.print(f"[red]Error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(USER_ERROR) from None
+        if not is_main():  # the main process speaks for all
+            raise typer.Exit(USER_ERROR) from None
+        _fail(str(err))
 
 
 def _quiet_libraries() -> None:
