@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -33,6 +32,7 @@ from .config import RunConfig
 from .envs import environment_factory
 from .envs.base import Environment
 from .models import pick_device
+from .progress import progress_bar
 from .rollout import EnvTimeouts, EpisodeResult, HFPolicy, TurnRenderer, TurnSample, play_episodes
 from .targets import Target, load_agent, resolve_target
 
@@ -355,17 +355,7 @@ def evaluate_targets(
     shared = targets[0].config
     make_env, task_ids, env_max_turns = evaluation_tasks(shared)
     report: dict[str, Any] = {"settings": settings_report(shared, task_ids), "targets": []}
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("episodes"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
+    progress = progress_bar(console, "{task.description}", unit="episodes")
     for target in targets:
         if target.warning:
             console.print(f"[yellow]Warning:[/yellow] {escape(target.warning)}", highlight=False, soft_wrap=True)
