@@ -37,7 +37,8 @@ from rich.table import Table
 from .config import ConfigError, load_config
 from .evaluate import evaluate_targets
 from .models import ModelLoadError, load_model_config
-from .run import CONFIG_FILE, METRICS_FILE, latest_checkpoint, train
+from .run import latest_checkpoint, train
+from .rundir import CONFIG_FILE, read_metrics
 from .targets import TargetError, resolve_target
 
 
@@ -120,13 +121,6 @@ def load_spec(path: Path) -> CompareSpec:
 
 def run_name(method: str, seed: int) -> str:
     return f"{method}-seed{seed}"
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def best_checkpoint(run_dir: Path, metrics: list[dict[str, Any]]) -> Path | None:
@@ -216,7 +210,7 @@ def compare(
             run_dir = output_dir / run_name(method, seed)
             overrides = [*spec.overrides, *spec.methods[method], f"train.seed={seed}", f"output.dir={run_dir}"]
             config = load_config(config_path, overrides)
-            done_steps = [r["step"] for r in read_metrics(run_dir)]
+            done_steps = [r["step"] for r in read_metrics(run_dir, strict=True)]
             if done_steps and max(done_steps) >= config.train.max_steps and latest_checkpoint(run_dir):
                 console.print(f"{run_name(method, seed)}: already trained ({max(done_steps)} steps), kept.")
             else:
@@ -224,7 +218,7 @@ def compare(
                 outcome = train(config, run_dir, resume=(run_dir / CONFIG_FILE).is_file(), console=console)
                 if outcome.exit_code != 0:
                     raise CompareError(f"{run_name(method, seed)} did not finish: {outcome.message}")
-            metrics = read_metrics(run_dir)
+            metrics = read_metrics(run_dir, strict=True)
             runs.append(
                 {
                     "method": method,
@@ -264,7 +258,7 @@ def _evaluate(
     targets = [run["run_dir"] for run in runs]
     if spec.best:
         for run in runs:
-            best = best_checkpoint(Path(run["run_dir"]), read_metrics(Path(run["run_dir"])))
+            best = best_checkpoint(Path(run["run_dir"]), read_metrics(Path(run["run_dir"]), strict=True))
             if best is not None and best != latest_checkpoint(Path(run["run_dir"])):
                 run["best_target"] = str(best)
                 targets.append(str(best))

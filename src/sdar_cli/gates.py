@@ -21,8 +21,8 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-GATES_DIR = "gates"
-METRICS_FILE = "metrics.jsonl"
+from .rundir import GATES_DIR, METRICS_FILE, read_metrics
+
 #: a token is "active" when its gate exceeds this (the metric gate_active_ratio)
 ACTIVE_GATE = 0.5
 #: the colour ramp of gate values: red (rejected) - pale yellow (0.5) - green (endorsed)
@@ -180,15 +180,6 @@ def _ranges(values: Sequence[int]) -> str:
             parts.append(str(start) if start == previous else f"{start}-{previous}")
         start = previous = value
     return ", ".join(parts)
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The rows of metrics.jsonl ([] when there is none or it is unreadable: plots then use the records)."""
-    path = run_dir / METRICS_FILE
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
-        return []
 
 
 # ------------------------------------------------------------------------------------ statistics

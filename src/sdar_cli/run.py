@@ -26,13 +26,13 @@ import torch
 import yaml
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
 from . import distributed
 from .config import EnvSettings, RunConfig
 from .envs import environment_factory
 from .models import check_lora_targets, load_base_model, load_model_config, load_tokenizer, pick_device, pick_dtype
+from .progress import progress_bar
 from .resume import (
     LOCK_FILE,
     RunInUse,
@@ -43,10 +43,9 @@ from .resume import (
     record_changes,
     run_lock,
 )
+from .rundir import CONFIG_FILE, GATES_DIR, METRICS_FILE
 from .trainer import SDARTrainer, TrainingAborted, grpo_args
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.yaml"
 #: always present in every metrics.jsonl row, null where the algorithm has no such quantity
 METRIC_KEYS = (
     "step",
@@ -131,7 +130,7 @@ def forget_steps_after(run_dir: Path, step: int) -> None:
         lines = metrics.read_text(errors="replace").splitlines()
         kept = [line for line in lines if (number := _metrics_step(line)) is not None and number <= step]
         metrics.write_text("".join(line + "\n" for line in kept))
-    gates = run_dir / "gates"
+    gates = run_dir / GATES_DIR
     if gates.is_dir():
         for path in gates.glob("step-*.jsonl"):
             if int(path.stem.split("-")[1]) > step:
@@ -502,16 +501,7 @@ class ProgressDisplay(TrainerCallback):
 
     def __init__(self, console: Console, total_steps: int):
         self.console = console
-        self.progress = Progress(
-            TextColumn("[bold]training"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        )
+        self.progress = progress_bar(console, "training")
         self.task = self.progress.add_task("train", total=total_steps)
         self._started = False
         self._warned_truncation = False

@@ -21,7 +21,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .config import RunConfig, load_config
 from .models import load_base_model, load_tokenizer, looks_like_path
 from .resume import adapter_problem
-from .run import CONFIG_FILE, checkpoint_step, latest_checkpoint
+from .run import checkpoint_step, latest_checkpoint
+from .rundir import CONFIG_FILE
 
 ADAPTER_FILE = "adapter_config.json"
 
