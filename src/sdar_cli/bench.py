@@ -42,6 +42,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .atomic import staged_dir
 from .config import ConfigError, RunConfig, _describe, apply_override, validate_config
 
 #: targets of issue 6, checked side by side in one run
@@ -374,19 +375,12 @@ def random_model_dir(name: str, shape_fields: dict[str, Any], seed: int) -> Path
     on_cuda = torch.cuda.is_available()
     with torch.device("cuda" if on_cuda else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    del model
-    if on_cuda:
-        torch.cuda.empty_cache()
-    try:
-        staging.rename(target)
-    except OSError:  # another process finished first: keep theirs
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_dir(target, done=lambda folder: (folder / "config.json").is_file()) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        del model
+        if on_cuda:
+            torch.cuda.empty_cache()
     return target
 
 

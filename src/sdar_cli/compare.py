@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .atomic import staged_file
 from .config import ConfigError, load_config
 from .evaluate import evaluate_targets
 from .models import ModelLoadError, load_model_config
@@ -328,16 +328,10 @@ def write_results(results: dict[str, Any], destination: Path) -> list[Path]:
     renamed), so an interrupted write never leaves a half file; the paths written."""
     destination.mkdir(parents=True, exist_ok=True)
     paths = [destination / "results.json", destination / "results.md", destination / "success.png"]
-    staged = [path.with_name(f".{path.stem}.partial{path.suffix}") for path in paths]
-    try:
-        staged[0].write_text(json.dumps(results, indent=2) + "\n")
-        staged[1].write_text(results_markdown(results))
-        plot_curves(results, staged[2])
-        for stage, path in zip(staged, paths):
-            os.replace(stage, path)
-    finally:
-        for stage in staged:
-            stage.unlink(missing_ok=True)
+    with staged_file(paths[0]) as data, staged_file(paths[1]) as table, staged_file(paths[2], ".png") as plot:
+        data.write_text(json.dumps(results, indent=2) + "\n")
+        table.write_text(results_markdown(results))
+        plot_curves(results, plot)
     return paths
 
 

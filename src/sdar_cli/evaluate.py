@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import random
-import tempfile
 import time
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from rich.markup import escape
 from rich.table import Table
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from . import atomic
 from .config import RunConfig
 from .envs import environment_factory
 from .envs.base import Environment
@@ -319,17 +319,12 @@ def _read_cached(path: Path) -> dict[str, Any] | None:
 
 
 def _write_cached(path: Path, entry: dict[str, Any]) -> None:
-    """Write atomically (a temporary file in the same folder, then a rename); a failure only costs the cache."""
-    staging = None
+    """Write whole (atomic.write_text); a failure only costs the cache."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".partial", delete=False) as handle:
-            staging = Path(handle.name)
-            handle.write(json.dumps(entry, indent=1) + "\n")
-        staging.replace(path)
+        atomic.write_text(path, json.dumps(entry, indent=1) + "\n")
     except OSError:
-        if staging is not None:
-            staging.unlink(missing_ok=True)
+        pass
 
 
 def evaluate_targets(

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .atomic import staged_dir
 from .config import ModelSettings
 from .distributed import local_rank
 
@@ -106,14 +105,9 @@ def embedded_model_dir() -> Path:
     plain_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain_model.load_state_dict(gguf_model.state_dict())
     plain_model.generation_config = gguf_model.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}-", dir=target.parent))
-    plain_model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    try:
-        staging.rename(target)
-    except OSError:  # another process finished first: keep theirs
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_dir(target, done=lambda folder: (folder / "config.json").is_file()) as staging:
+        plain_model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return target
 
 

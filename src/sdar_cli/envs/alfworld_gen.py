@@ -33,14 +33,14 @@ import hashlib
 import json
 import random
 import re
-import shutil
-import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from importlib.resources import files
 from pathlib import Path
+
+from ..atomic import staged_dir
 
 #: bump when generated files change, so a cache written by an older generator is not reused
 GENERATOR_VERSION = 1
@@ -409,9 +409,8 @@ def generate_dataset(spec: GenerateSpec, cache_dir: Path) -> Path:
     with _WRITE_LOCK:
         if (root / "json_2.1.1").is_dir():
             return root
-        root.parent.mkdir(parents=True, exist_ok=True)
-        temp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-        try:
+        # done: a lost race (the files are identical); any other failed rename is a real error
+        with staged_dir(root, done=lambda folder: (folder / "json_2.1.1").is_dir()) as temp:
             for split, count in spec.counts:
                 split_dir = temp / "json_2.1.1" / split
                 split_dir.mkdir(parents=True)
@@ -423,12 +422,4 @@ def generate_dataset(spec: GenerateSpec, cache_dir: Path) -> Path:
                     _dump(trial_dir / "game.tw-pddl", task.game)
             _dump(temp / "sdar_generate.json", {"generator_version": GENERATOR_VERSION, "seed": spec.seed,
                                                 "counts": dict(spec.counts)})
-            try:
-                temp.rename(root)
-            except OSError:
-                if not (root / "json_2.1.1").is_dir():  # not a lost race: a real error
-                    raise
-        finally:
-            if temp.exists():
-                shutil.rmtree(temp, ignore_errors=True)
     return root

@@ -23,9 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import threading
 import time
 import urllib.error
@@ -36,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..atomic import staged_dir
 from .base import EnvironmentConfigError
 from .retry import with_retries
 
@@ -207,13 +205,8 @@ def _build_bm25(path: Path, key: tuple[str, int, int], cache_dir: Path | None) -
 def _save_index(retriever: BM25Retriever, index_dir: Path) -> None:
     """Write the index next to its siblings, then rename it into place (readers never see half an index)."""
     try:
-        index_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=index_dir.parent))
-        retriever.index.save(str(staging), show_progress=False)
-        try:
-            os.replace(staging, index_dir)
-        except OSError:  # another process saved it first
-            shutil.rmtree(staging, ignore_errors=True)
+        with staged_dir(index_dir, done=Path.is_dir) as staging:  # done: another process saved it first
+            retriever.index.save(str(staging), show_progress=False)
     except OSError as err:
         logger.warning("could not save the BM25 index to %s: %s", index_dir, err)
 

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .. import atomic
 
 #: bump when generation changes, so cached files of an older generator are not reused
 GENERATOR_VERSION = 1
@@ -312,9 +312,5 @@ def synthetic_dataset(cache_dir: str | Path, seed: int, num_train: int, num_test
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write to a temporary file, then rename: a reader never sees a half-written file."""
-    handle, staging = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as out:
-        for row in rows:
-            out.write(json.dumps(row, sort_keys=True, ensure_ascii=True) + "\n")
-    os.replace(staging, path)
+    """Written whole (atomic.write_text): a reader never sees a half-written file."""
+    atomic.write_text(path, "".join(json.dumps(row, sort_keys=True, ensure_ascii=True) + "\n" for row in rows))
