@@ -23,6 +23,7 @@ responses are reported, with no AUC and no verdict.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -37,6 +38,7 @@ from .batching import left_pad, right_pad
 from .config import RunConfig
 from .envs import environment_factory
 from .envs.base import Environment, Observation, Task
+from .expert import NoExpert, expert_turns
 from .models import adapter_switched_off, pick_device
 from .rollout import HFPolicy, TurnRenderer, play_episodes
 from .targets import Target, load_agent
@@ -181,29 +183,18 @@ def expert_states(
     None when the environment has no expert. A state with no other admissible action is skipped."""
     rng = random.Random(seed)
     recorded: list[tuple[Task, list[tuple[str, str]], Observation, str, str, int]] = []
-    for task_id in task_ids:
-        if len(recorded) >= count:
-            break
-        env = make_env()
+    if count > 0:
         try:
-            task, observation = env.reset(task_id)
-            history: list[tuple[str, str]] = []
-            for turn in range(max_turns):
-                action = env.expert_action()
-                if action is None:
-                    if not recorded and not history:
-                        return None
-                    break
-                others = [a for a in observation.admissible_actions if a.lower() != action.lower()]
-                if others and len(recorded) < count:
-                    recorded.append((task, list(history), observation, action, rng.choice(others), turn))
-                following = env.step(action)
-                history.append((observation.text, action))
-                observation = following
-                if following.done:
-                    break
-        finally:
-            env.close()
+            with contextlib.closing(expert_turns(make_env, task_ids, max_turns)) as turns:
+                for turn in turns:
+                    action, observation = turn.action, turn.observation
+                    others = [a for a in observation.admissible_actions if a.lower() != action.lower()]
+                    if others:
+                        recorded.append((turn.task, turn.history, observation, action, rng.choice(others), turn.turn))
+                        if len(recorded) >= count:
+                            break
+        except NoExpert:
+            return None
     # `shuffled` draws from other tasks' contexts: let every state's context into the pool first
     renderer.remember_contexts((task, obs.privileged, _RecordedExpert(action)) for task, _, obs, action, _, _ in recorded)
     states = []

@@ -28,9 +28,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
+from .atomic import staged_dir
 from .config import RunConfig
 from .envs import environment_factory
 from .envs.base import Environment
+from .expert import NoExpert, expert_turns
 from .models import load_base_model, load_tokenizer, lora_config, pick_device
 from .rollout import TurnRenderer
 
@@ -62,32 +64,19 @@ def collect_demonstrations(
     eos = eos[0] if isinstance(eos, list) else eos
     rows: list[dict[str, list[int]]] = []
     won = 0
-    for task_id in task_ids:
-        env = make_env()
-        try:
-            task, observation = env.reset(task_id)
-            history: list[tuple[str, str]] = []
-            for _ in range(max_turns):
-                action = env.expert_action()
-                if action is None:
-                    if not rows and not history:
-                        raise WarmupError(
-                            f"{type(env).__name__} offers no expert demonstrations (its expert_action() returned "
-                            "None at the start of an episode); `sdar warmup` needs an environment with an expert."
-                        )
-                    break
-                prompt, _ = renderer.turn_prompt_ids(task, history, observation.text, observation.admissible_actions)
-                response = tokenizer(demonstration_response(config, action), add_special_tokens=False)["input_ids"]
-                response = response + [eos]
-                rows.append({"input_ids": prompt + response, "completion_mask": [0] * len(prompt) + [1] * len(response)})
-                following = env.step(action)
-                history.append((observation.text, action))
-                observation = following
-                if following.done:
-                    won += bool(following.won)
-                    break
-        finally:
-            env.close()
+    try:
+        for turn in expert_turns(make_env, task_ids, max_turns):
+            observation = turn.observation
+            prompt, _ = renderer.turn_prompt_ids(turn.task, turn.history, observation.text, observation.admissible_actions)
+            response = tokenizer(demonstration_response(config, turn.action), add_special_tokens=False)["input_ids"]
+            response = response + [eos]
+            rows.append({"input_ids": prompt + response, "completion_mask": [0] * len(prompt) + [1] * len(response)})
+            won += bool(turn.following.done and turn.following.won)
+    except NoExpert as err:
+        raise WarmupError(
+            f"{err.env_name} offers no expert demonstrations (its expert_action() returned "
+            "None at the start of an episode); `sdar warmup` needs an environment with an expert."
+        ) from None
     return rows, {"episodes": len(task_ids), "turns": len(rows), "expert_won": won}
 
 
@@ -167,8 +156,6 @@ def warmup(config: RunConfig, output_dir: Path, console=None) -> dict[str, Any]:
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     merged = trainer.model.merge_and_unload()
-    merged.save_pretrained(staging / "model")
-    tokenizer.save_pretrained(staging / "model")
     summary = {
         **counts,
         "model": config.model.name,
@@ -180,10 +167,9 @@ def warmup(config: RunConfig, output_dir: Path, console=None) -> dict[str, Any]:
         "seconds": time.perf_counter() - started,
         "settings": settings.model_dump(),
     }
-    (staging / "model" / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    if output_dir.exists():
-        output_dir.rmdir()  # empty: checked above
-    (staging / "model").rename(output_dir)
+    with staged_dir(output_dir) as model_dir:  # replaces output_dir, new or empty (checked above)
+        merged.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        (model_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     shutil.rmtree(staging, ignore_errors=True)
     return summary
