@@ -94,19 +94,19 @@ def main() -> None:
 
 def nonfinite_on_main_only(model_dir: str, run_root: str, overrides: list[str]) -> dict:
     """A step whose loss is NaN on the main process only: does this process skip its update too?"""
-    import sdar_cli.trainer as trainer_module
+    import sdar_cli.losses as losses_module
 
     run_dir = Path(run_root) / f"nonfinite-world-{distributed.world_size()}"
     config = tiny_config(Path(model_dir), run_dir, "train.max_steps=1", "train.save_steps=100", *overrides)
     trainer, _ = build_trainer(config, run_dir, trainer_class=FixedBatchTrainer)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    original = trainer_module.sdar_token_loss
+    original = losses_module.sdar_token_loss
     if distributed.is_main():
-        trainer_module.sdar_token_loss = lambda teacher, student, gate: student * float("nan")
+        losses_module.sdar_token_loss = lambda teacher, student, gate: student * float("nan")
     try:
         trainer.train()
     finally:
-        trainer_module.sdar_token_loss = original
+        losses_module.sdar_token_loss = original
     unchanged = all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if p.requires_grad)
     return {"weights_unchanged": unchanged, "nonfinite_total": trainer.nonfinite_total}
 

@@ -125,3 +125,27 @@ def test_skill_sd_token_loss_and_gradient_match_hand_computation():
     # d/dS (rho k3) = rho * k3 + rho * (1 - exp(T - S))   (rho carries dS, and dk3/dS = 1 - e^(T-S))
     expected_grad = [r * k + r * (1 - math.exp(g)) for r, k, g in zip(rho[:2], k3[:2], (0.5, -1.0))]
     assert student.grad[:2].tolist() == pytest.approx(expected_grad, rel=1e-5)
+
+
+def test_sdar_objective_matches_a_hand_computation():
+    # two responses: row 0 has 2 real tokens, row 1 has 1 (its second position is padding)
+    student = torch.tensor([[-2.0, -1.0], [-0.5, -9.0]], requires_grad=True)
+    teacher = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    beta, coef = 5.0, 0.1
+    from sdar_cli.losses import sdar_objective
+
+    g_up, g_down = 1 / (1 + math.exp(-5)), 1 / (1 + math.exp(5))
+    # l = g * (T - S): row 0 -> (g_up * 1, g_down * -1), row 1 -> (0.5 * 0)
+    token_sum, gate = sdar_objective(student, teacher, mask, beta, coef, "token_sum", 3.0)
+    assert gate.tolist()[0] == pytest.approx([g_up, g_down])
+    assert gate[1, 0].item() == 0.5 and not gate.requires_grad
+    assert token_sum.item() == pytest.approx(coef * (g_up - g_down) / 3.0)
+    token_sum.backward()
+    # d L / d S_t = -coef * g_t * m_t / Z: padding gets no gradient
+    expected_grad = [-coef * g_up / 3, -coef * g_down / 3, -coef * 0.5 / 3, 0.0]
+    assert student.grad.flatten().tolist() == pytest.approx(expected_grad)
+    sequence, _ = sdar_objective(student, teacher, mask, beta, coef, "sequence_mean_sum", 2.0)
+    assert sequence.item() == pytest.approx(coef * ((g_up - g_down) / 2 + 0.0 / 1) / 2.0)
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        sdar_objective(student, teacher, mask, beta, coef, "mean", 1.0)

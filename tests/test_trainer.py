@@ -112,9 +112,9 @@ def test_algorithms_share_one_code_path(tiny_model_dir, tmp_path, algorithm, tea
 
 
 def test_non_finite_losses_skip_the_update_then_stop_with_a_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
-    import sdar_cli.trainer as trainer_module
+    import sdar_cli.losses as losses_module
 
-    monkeypatch.setattr(trainer_module, "sdar_token_loss", lambda t, s, g: s * float("nan"))
+    monkeypatch.setattr(losses_module, "sdar_token_loss", lambda t, s, g: s * float("nan"))
     run_dir = tmp_path / "run"
     config = tiny_config(tiny_model_dir, run_dir, "train.max_steps=5", "train.max_nonfinite_updates=2")
     trainer, _ = build_trainer(config, run_dir)

@@ -83,6 +83,46 @@ def sdar_token_loss(teacher_logps: torch.Tensor, student_logps: torch.Tensor, ga
     return gate.detach() * (teacher_logps.detach() - student_logps)
 
 
+def sdar_objective(
+    student_logps: torch.Tensor,
+    teacher_logps: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    coef: float,
+    aggregation: str,
+    normalizer: float | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SDAR term of the loss and its gate, from per-token log-probs [B, T] and the response mask [B, T]:
+
+        D_t    = T_t - sg(S_t)                      teacher-student gap
+        g_t    = sg(sigmoid(beta * D_t))            gate
+        l_t    = g_t * (sg(T_t) - S_t)              per-token term; d l_t = -g_t * d S_t
+        L_SDAR = lambda * aggregate(l, mask) / Z    lambda = `coef`, Z = `normalizer`
+
+    `aggregation` (see `aggregate_tokens`): "token_sum" (the token-mean when Z counts the tokens) or
+    "sequence_mean_sum" (the mean over each response's tokens, summed over responses: a sample-mean when Z
+    counts the samples). Returns (L_SDAR, g); the gate carries no gradient.
+    """
+    gate = sdar_gate(teacher_logps, student_logps, beta)
+    token_loss = sdar_token_loss(teacher_logps, student_logps, gate)
+    return coef * aggregate_tokens(token_loss, mask, aggregation, normalizer), gate
+
+
+def aggregate_tokens(
+    values: torch.Tensor, mask: torch.Tensor, aggregation: str, normalizer: float | torch.Tensor
+) -> torch.Tensor:
+    """A per-token term [B, T] reduced to a scalar over the masked tokens:
+
+        token_sum:          sum_{b,t} m_bt v_bt / Z
+        sequence_mean_sum:  sum_b (sum_t m_bt v_bt / max(1, sum_t m_bt)) / Z
+    """
+    if aggregation == "token_sum":
+        return masked_token_sum(values, mask) / normalizer
+    if aggregation == "sequence_mean_sum":
+        return masked_sequence_means(values, mask).sum() / normalizer
+    raise ValueError(f"unknown aggregation {aggregation!r}")
+
+
 def masked_token_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum of values over the masked tokens (the numerator of a token-mean)."""
     return (values * mask).sum()
@@ -141,6 +181,8 @@ def skill_sd_token_loss(teacher_logps: torch.Tensor, student_logps: torch.Tensor
     k3 = torch.exp(gap) - 1 - gap
     rho = torch.exp((student_logps - old_logps.detach()).clamp(max=10.0))
     return rho * k3
+
+
 def sampler_importance_ratio(
     train_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, mode: str, cap: float
 ) -> torch.Tensor:

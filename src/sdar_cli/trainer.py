@@ -41,17 +41,16 @@ from .config import RunConfig
 from .cpu_scoring import score_only_labelled_positions_on_cpu
 from .envs.base import Environment
 from .losses import (
+    aggregate_tokens,
     clamped_k3_kl,
     episode_advantages,
     group_advantages,
-    masked_sequence_means,
     masked_token_sum,
     rlsd_lambda,
     rlsd_token_advantages,
     sampler_importance_ratio,
     sampler_logp_mismatch,
-    sdar_gate,
-    sdar_token_loss,
+    sdar_objective,
     skill_sd_token_loss,
 )
 from .models import adapter_switched_off, adapter_weights_to_fp32, checkpointing_paused, lora_config
@@ -420,47 +419,37 @@ class SDARTrainer(GRPOTrainer):
         self._metrics["train"]["sampler_logp_mismatch"].append(mismatch.item())
 
     def _compute_loss(self, model, inputs):
-        # the official KL (clamped k3, plain gradient) is added below, so TRL's own KL term is switched off
+        """L = L_PPO-clip(A) - entropy_coef * H  [TRL's loss]  + kl_coef * KL  + lambda * L_SDAR  [+ skill_sd's term].
+
+        S_t (the student log-probs, with gradient) come from TRL's own forward inside its loss: our override of
+        `_get_per_token_logps_and_entropies` keeps them (`_capture_student`), so the gate and the SDAR term use
+        exactly the log-probs the policy term used, at no extra forward.
+        """
         official_kl = self.beta != 0.0 and self.config.algorithm.kl_estimator == "k3"
         kl_coef = self.beta
+        # TRL's own KL is switched off when the official clamped k3 (plain gradient) replaces it below
+        self.beta = 0.0 if official_kl else kl_coef
         self._capture_student, self._loss_inputs = True, inputs
-        if official_kl:
-            self.beta = 0.0
         try:
             loss = super()._compute_loss(model, inputs)
         finally:
             self._capture_student, self._loss_inputs = False, None
             self.beta = kl_coef
         student_logps, self._captured_student_logps = self._captured_student_logps, None
+        mask = inputs["completion_mask"].to(student_logps.dtype)
         if official_kl:
-            per_token_kl = clamped_k3_kl(inputs["ref_per_token_logps"], student_logps)
-            mask = inputs["completion_mask"].to(student_logps.dtype)
-            loss = loss + kl_coef * self._aggregate(per_token_kl, mask, inputs, self.loss_type)
-            mode = "train" if self.model.training else "eval"
-            totals = self.accelerator.reduce(torch.stack([masked_token_sum(per_token_kl.detach(), mask), mask.sum()]))
-            self._metrics[mode]["kl"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+            loss = loss + kl_coef * self._official_kl(inputs, student_logps, mask)
         if self.sdar_term:
-            mask = inputs["completion_mask"].to(student_logps.dtype)
+            # lambda * L_SDAR with the gate g_t = sg(sigmoid(beta * (T_t - S_t))), T_t from the no-grad teacher pass
             teacher_logps = inputs["teacher_per_token_logps"]
-            gate = sdar_gate(teacher_logps, student_logps, self.gate_beta)
-            token_loss = sdar_token_loss(teacher_logps, student_logps, gate)
-            if self.config.algorithm.sdar_aggregation == "token_mean":
-                sdar_loss = self._aggregate(token_loss, mask, inputs, self._token_mean_scope)
-            else:
-                normalizer = inputs["num_samples_in_batch"].clamp(min=1) / self.accelerator.num_processes
-                sdar_loss = masked_sequence_means(token_loss, mask).sum() / (normalizer * self._update_share)
-            loss = loss + self.sdar_coef * sdar_loss
+            aggregation, normalizer = self._sdar_normalizer(mask, inputs)
+            sdar_loss, gate = sdar_objective(
+                student_logps, teacher_logps, mask, self.gate_beta, self.sdar_coef, aggregation, normalizer
+            )
+            loss = loss + sdar_loss
             self._record_gates(inputs, student_logps, teacher_logps, gate)
         if self.config.algorithm.name == "skill_sd" and self.with_teacher:
-            mask = inputs["completion_mask"].to(student_logps.dtype)
-            old_logps = inputs.get("old_per_token_logps")
-            old_logps = student_logps.detach() if old_logps is None else old_logps  # on-policy: rho = 1, with gradient
-            token_loss = skill_sd_token_loss(inputs["teacher_per_token_logps"], student_logps, old_logps)
-            skill_sd_loss = self._aggregate(token_loss, mask, inputs, self._token_mean_scope)
-            loss = loss + self.config.algorithm.skill_sd_coef * skill_sd_loss
-            mode = "train" if self.model.training else "eval"
-            token_mean = masked_token_sum(token_loss.detach(), mask) / mask.sum().clamp(min=1.0)
-            self._metrics[mode]["skill_sd_loss"].append(token_mean.item())
+            loss = loss + self.config.algorithm.skill_sd_coef * self._skill_sd_term(inputs, student_logps, mask)
         if not torch.isfinite(loss):
             self._nonfinite_this_step = True
             # zero gradient, NaN value: the Trainer logs it as skipped and _NonFiniteGuard drops the update
@@ -468,22 +457,52 @@ class SDARTrainer(GRPOTrainer):
             loss = sum(p.sum() for p in trainable) * 0.0 + loss.detach()
         return loss
 
+    def _official_kl(self, inputs, student_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The official clamped k3 KL to the reference, aggregated as the policy loss; logs its token-mean."""
+        per_token_kl = clamped_k3_kl(inputs["ref_per_token_logps"], student_logps)
+        mode = "train" if self.model.training else "eval"
+        totals = self.accelerator.reduce(torch.stack([masked_token_sum(per_token_kl.detach(), mask), mask.sum()]))
+        self._metrics[mode]["kl"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        return self._aggregate(per_token_kl, mask, inputs, self.loss_type)
+
+    def _skill_sd_term(self, inputs, student_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Skill-SD's importance-weighted k3 to the teacher (a baseline), token-mean; logs its token-mean."""
+        old_logps = inputs.get("old_per_token_logps")
+        old_logps = student_logps.detach() if old_logps is None else old_logps  # on-policy: rho = 1, with gradient
+        token_loss = skill_sd_token_loss(inputs["teacher_per_token_logps"], student_logps, old_logps)
+        mode = "train" if self.model.training else "eval"
+        token_mean = masked_token_sum(token_loss.detach(), mask) / mask.sum().clamp(min=1.0)
+        self._metrics[mode]["skill_sd_loss"].append(token_mean.item())
+        return self._aggregate(token_loss, mask, inputs, self._token_mean_scope)
+
     def _aggregate(self, values: torch.Tensor, mask: torch.Tensor, inputs, loss_type: str) -> torch.Tensor:
-        """A per-token term reduced the way TRL's `loss_type` reduces the policy loss, gradient accumulation
-        included: dapo/cispo token-mean over the update, bnpo token-mean per micro-batch, grpo/sapo
-        sequence-mean, dr_grpo token-sum over rows x max_completion_length."""
+        """A per-token term reduced the way TRL's `loss_type` reduces the policy loss (see `_normalizer`)."""
+        return aggregate_tokens(values, mask, *self._normalizer(mask, inputs, loss_type))
+
+    def _normalizer(self, mask: torch.Tensor, inputs, loss_type: str) -> tuple[str, float | torch.Tensor]:
+        """(aggregation, Z) for `aggregate_tokens` that reduce a per-token term as TRL's `loss_type` reduces the
+        policy loss, gradient accumulation included: dapo/cispo token-mean over the update, bnpo token-mean per
+        micro-batch, grpo/sapo sequence-mean, dr_grpo token-sum over rows x max_completion_length."""
         accumulation = self.current_gradient_accumulation_steps if self.model.training else 1.0
-        total = masked_token_sum(values, mask)
         if loss_type in ("dapo", "cispo"):
-            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            return total / (normalizer * self._update_share)
+            # the update's real tokens over all processes, scaled to one process (DDP averages the gradients)
+            items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            return "token_sum", items * self._update_share
         if loss_type == "bnpo":
-            return total / mask.sum().clamp(min=1.0) / accumulation
+            return "token_sum", mask.sum().clamp(min=1.0) * accumulation
         if loss_type in ("grpo", "sapo"):
-            return masked_sequence_means(values, mask).mean() / accumulation
+            return "sequence_mean_sum", mask.size(0) * accumulation
         if loss_type == "dr_grpo":
-            return total / (values.size(0) * self.max_completion_length) / accumulation
+            return "token_sum", mask.size(0) * self.max_completion_length * accumulation
         raise ValueError(f"no aggregation rule for loss_type {loss_type!r}")
+
+    def _sdar_normalizer(self, mask: torch.Tensor, inputs) -> tuple[str, float | torch.Tensor]:
+        """(aggregation, Z) of L_SDAR: algorithm.sdar_aggregation token_mean follows the policy loss's token-mean
+        scope; sequence_mean averages each response's tokens, then the update's responses over all processes."""
+        if self.config.algorithm.sdar_aggregation == "token_mean":
+            return self._normalizer(mask, inputs, self._token_mean_scope)
+        samples = inputs["num_samples_in_batch"].clamp(min=1) / self.accelerator.num_processes
+        return "sequence_mean_sum", samples * self._update_share
 
     @property
     def _token_mean_scope(self) -> str:
