@@ -59,6 +59,12 @@ def test_train_writes_a_complete_run_directory(finished_run):
     assert not list(run_dir.glob(".staging-*"))
 
 
+GATE_FILE_KEYS = [
+    "step", "task_id", "task_type", "episode", "turn", "token_ids", "tokens", "student_logp", "teacher_logp", "gate",
+    "mask", "advantage", "reward", "beta", "action", "valid", "teacher_placement", "teacher_context",
+]
+
+
 def test_every_recorded_gate_is_the_sigmoid_of_the_recorded_gap(finished_run):
     run_dir, _ = finished_run
     rows = {json.loads(line)["step"]: json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
@@ -70,6 +76,7 @@ def test_every_recorded_gate_is_the_sigmoid_of_the_recorded_gap(finished_run):
             n = len(record["token_ids"])
             assert n == len(record["tokens"]) == len(record["gate"]) == len(record["student_logp"]) == len(record["mask"])
             assert record["step"] == step and record["beta"] == 5.0
+            assert list(record) == GATE_FILE_KEYS  # the gates file format, key for key, as every version wrote it
             for t, s, g in zip(record["teacher_logp"], record["student_logp"], record["gate"]):
                 assert g == pytest.approx(1 / (1 + math.exp(-5.0 * (t - s))), abs=1e-6)
             all_gates += record["gate"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import json
 import math
@@ -24,6 +23,7 @@ from sdar_cli.gates import (
     gate_color,
     gate_histogram,
     load_run_view,
+    parse_record,
     report_steps,
     select,
     summarize,
@@ -48,7 +48,7 @@ def write_run(run_dir: Path, steps: dict[int, list[GateRecord]]) -> Path:
     (run_dir / "gates").mkdir(parents=True)
     rows = []
     for step, records in steps.items():
-        lines = [json.dumps({**dataclasses.asdict(r), "mask": [1] * len(r.tokens)}) for r in records]
+        lines = [json.dumps({**r.model_dump(), "mask": [1] * len(r.tokens)}) for r in records]
         (run_dir / "gates" / f"step-{step}.jsonl").write_text("\n".join(lines) + "\n")
         summary = summarize(records)
         rows.append({"step": step, "gate_mean": summary.gate_mean, "gate_active_ratio": summary.active_ratio,
@@ -299,3 +299,21 @@ def test_fresh_gates_score_with_the_training_head_at_the_rollout_temperature(tin
         probed = response_logps(base, prompts, responses, trainer.processing_class.pad_token_id, 3, temperature)
         same = all(p == pytest.approx(t, abs=1e-4) for p, t in zip(probed, training))
         assert same == equal
+
+
+def test_gate_records_of_earlier_versions_load_and_bad_ones_are_explained(tmp_path):
+    # the first gates files had neither token_ids, mask nor the teacher settings
+    first_version = {"step": 3, "task_id": "train-00001", "task_type": "pick", "episode": 1, "turn": 0,
+                     "tokens": ["go", " north"], "student_logp": [-1.0, -2.0], "teacher_logp": [-0.5, -2.5],
+                     "gate": [0.9, 0.1], "advantage": 1.5, "reward": 10, "beta": 5.0, "action": None, "valid": False}
+    record = parse_record(first_version, "here")
+    assert record.token_ids == [] and record.mask is None and record.teacher_placement is None
+    assert record.reward == 10.0 and record.action is None and record.gaps == [0.5, -0.5]
+    # written and read back through the one schema, with every field it had
+    written = json.loads(record.to_json_line())
+    assert {key: written[key] for key in first_version} == first_version
+    assert parse_record(written, "here") == record
+    with pytest.raises(GateDataError, match="here: tokens, student_logp, teacher_logp and gate differ in length"):
+        parse_record({**first_version, "gate": [0.9]}, "here")
+    with pytest.raises(GateDataError, match=r"here: not a gate record \(episode: "):
+        parse_record({**first_version, "episode": "first"}, "here")

@@ -6,21 +6,24 @@ gates/step-N.jsonl: the response tokens and, per token,
     T_t   teacher log-prob, the same weights shown the privileged context
     g_t = sigmoid(beta * (T_t - S_t))     the gate: near 1 endorsed, near 0 rejected
 plus the turn's action, reward and advantage, and the teacher.placement and teacher.context the teacher
-prompt was built with (teacher_placement, teacher_context). Observations are not stored in the records.
+prompt was built with (teacher_placement, teacher_context); the schema is gate_record.GateRecord. Observations
+are not stored in the records.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from .gate_record import REQUIRED_FIELDS, GateRecord
 from .rundir import GATES_DIR, METRICS_FILE, read_metrics
 
 #: a token is "active" when its gate exceeds this (the metric gate_active_ratio)
@@ -35,45 +38,21 @@ class GateDataError(ValueError):
     """Gate records that are missing, unreadable or match nothing; the message says what to do."""
 
 
-@dataclass
-class GateRecord:
-    step: int
-    task_id: str
-    task_type: str
-    episode: int
-    turn: int
-    tokens: list[str]
-    student_logp: list[float]
-    teacher_logp: list[float]
-    gate: list[float]
-    advantage: float
-    reward: float
-    beta: float
-    action: str | None
-    valid: bool
-    token_ids: list[int] = field(default_factory=list)
-
-    @property
-    def gaps(self) -> list[float]:
-        """D_t = T_t - S_t per token."""
-        return [t - s for t, s in zip(self.teacher_logp, self.student_logp)]
-
-
-_REQUIRED = [name for name in GateRecord.__dataclass_fields__ if name != "token_ids"]
-
-
 def parse_record(raw: Any, where: str) -> GateRecord:
     """One JSON object of a gates file as a GateRecord; GateDataError naming `where` if it is not one."""
     if not isinstance(raw, dict):
         raise GateDataError(f"{where}: not a gate record (a JSON object per line is expected).")
-    missing = [key for key in _REQUIRED if key not in raw]
+    missing = [key for key in REQUIRED_FIELDS if key not in raw]
     if missing:
         raise GateDataError(f"{where}: not a gate record (missing {', '.join(missing)}).")
-    record = GateRecord(**{key: raw[key] for key in _REQUIRED}, token_ids=raw.get("token_ids", []))
-    lengths = {len(record.tokens), len(record.student_logp), len(record.teacher_logp), len(record.gate)}
-    if len(lengths) != 1:
-        raise GateDataError(f"{where}: tokens, student_logp, teacher_logp and gate differ in length.")
-    return record
+    try:
+        return GateRecord.model_validate(raw)
+    except ValidationError as err:
+        problem = err.errors()[0]
+        if problem["type"] == "value_error":
+            raise GateDataError(f"{where}: {problem['ctx']['error']}") from None
+        field = ".".join(str(part) for part in problem["loc"])
+        raise GateDataError(f"{where}: not a gate record ({field}: {problem['msg']}).") from None
 
 
 def read_records(path: Path) -> list[GateRecord]:

@@ -40,6 +40,7 @@ from .batching import collate_turn_samples
 from .config import RunConfig
 from .cpu_scoring import score_only_labelled_positions_on_cpu
 from .envs.base import Environment
+from .gate_record import GateRecord
 from .losses import (
     aggregate_tokens,
     clamped_k3_kl,
@@ -571,8 +572,8 @@ class SDARTrainer(GRPOTrainer):
                 self._write_gates(step, [row for rank_rows in rows for row in rank_rows])
         self._gate_records = {}  # each update records (and writes) the gates of the samples it trained on
 
-    def _gate_rows(self, step: int) -> list[dict[str, Any]]:
-        """This process's gate records of the step, one JSON-ready row per turn-sample."""
+    def _gate_rows(self, step: int) -> list[GateRecord]:
+        """This process's gate records of the step, one per trained turn-sample."""
         tokenizer = self.processing_class
         rows = []
         for index, sample in enumerate(self._step_samples):
@@ -580,33 +581,33 @@ class SDARTrainer(GRPOTrainer):
             if record is None:
                 continue
             rows.append(
-                {
-                    "step": step,
-                    "task_id": sample.task_id,
-                    "task_type": sample.task_type,
-                    "episode": sample.episode,
-                    "turn": sample.turn,
-                    "token_ids": sample.response_ids,
-                    "tokens": [tokenizer.decode([token]) for token in sample.response_ids],
+                GateRecord(
+                    step=step,
+                    task_id=sample.task_id,
+                    task_type=sample.task_type,
+                    episode=sample.episode,
+                    turn=sample.turn,
+                    token_ids=sample.response_ids,
+                    tokens=[tokenizer.decode([token]) for token in sample.response_ids],
                     **record,
-                    "mask": [1] * len(sample.response_ids),
-                    "advantage": float(self._step_advantages[index]),
-                    "reward": sample.reward,
-                    "beta": self.gate_beta,
-                    "action": sample.action,
-                    "valid": sample.valid,
-                    "teacher_placement": self.config.teacher.placement,
-                    "teacher_context": self.config.teacher.context,
-                }
+                    mask=[1] * len(sample.response_ids),
+                    advantage=float(self._step_advantages[index]),
+                    reward=sample.reward,
+                    beta=self.gate_beta,
+                    action=sample.action,
+                    valid=sample.valid,
+                    teacher_placement=self.config.teacher.placement,
+                    teacher_context=self.config.teacher.context,
+                )
             )
         return rows
 
-    def _write_gates(self, step: int, rows: list[dict[str, Any]]) -> None:
+    def _write_gates(self, step: int, rows: list[GateRecord]) -> None:
         self.gates_dir.mkdir(parents=True, exist_ok=True)
         path = self.gates_dir / f"step-{step}.jsonl"
         staging = path.with_suffix(".jsonl.tmp")
         with staging.open("w") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rows)
+            handle.writelines(row.to_json_line() for row in rows)
         os.replace(staging, path)
 
     def _save_checkpoint(self, model, trial) -> None:
