@@ -247,14 +247,14 @@ def test_png_has_the_three_plots(synthetic_run, tmp_path):
     assert struct.unpack(">II", header[16:24]) == (1500, 420)  # 15 x 4.2 inches at 100 dpi: three panels
 
 
-def test_response_logps_equal_unpadded_forward_passes(tiny_model_dir):
+def test_score_responses_equal_unpadded_forward_passes(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from sdar_cli.gate_probe import response_logps
+    from sdar_cli.logprobs import score_responses
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     prompts, responses = [[5, 6, 7, 8, 9], [10, 11]], [[12, 13], [14, 15, 16, 17]]
-    batched = response_logps(model, prompts, responses, pad_id=0, batch_size=2)
+    batched = score_responses(model, prompts, responses, pad_id=0, batch_size=2, temperature=1.0)
     for prompt, response, row in zip(prompts, responses, batched):
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
@@ -284,7 +284,7 @@ def test_fresh_gates_score_with_the_training_head_at_the_rollout_temperature(tin
     from conftest import build_trainer, task_inputs, tiny_config
     from transformers import AutoModelForCausalLM
 
-    from sdar_cli.gate_probe import response_logps
+    from sdar_cli.logprobs import score_responses
 
     config = tiny_config(tiny_model_dir, tmp_path / "run", "rollout.temperature=0.7")
     trainer, _ = build_trainer(config, tmp_path / "run")
@@ -296,7 +296,7 @@ def test_fresh_gates_score_with_the_training_head_at_the_rollout_temperature(tin
 
     for temperature, equal in ((0.7, True), (1.0, False)):
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-        probed = response_logps(base, prompts, responses, trainer.processing_class.pad_token_id, 3, temperature)
+        probed = score_responses(base, prompts, responses, trainer.processing_class.pad_token_id, 3, temperature)
         same = all(p == pytest.approx(t, abs=1e-4) for p, t in zip(probed, training))
         assert same == equal
 

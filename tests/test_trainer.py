@@ -134,3 +134,22 @@ def test_most_episodes_failing_aborts_with_a_clear_message(tiny_model_dir, tmp_p
     trainer, _ = build_trainer(config, tmp_path / "run")
     with pytest.raises(TrainingAborted, match=r"4 of 4 episodes failed inside the environment.*reset is broken"):
         trainer._generate_and_score_completions(task_inputs(config))
+
+
+def test_the_batch_handed_to_trl_holds_exactly_the_documented_keys(tiny_model_dir, tmp_path):
+    import sdar_cli.trainer as trainer_module
+
+    # the module docstring's table (header row first); the vLLM keys need rollout.engine: vllm
+    table = [line.split("|")[1] for line in trainer_module.__doc__.splitlines() if line.startswith("| ")]
+    documented = {key.strip() for cell in table[1:] for key in cell.split(",")}
+    config = tiny_config(tiny_model_dir, tmp_path / "run", "train.updates_per_rollout=2")
+    trainer, _ = build_trainer(config, tmp_path / "run")
+    batch = trainer._generate_and_score_completions(task_inputs(config))
+    assert set(batch) == documented - {"sampling_per_token_logps", "importance_sampling_ratio"}
+    # the rollout-policy pass is the live policy (adapter on), the reference the base: equal while the adapter is 0
+    real = batch["completion_mask"].bool()
+    assert torch.allclose(batch["old_per_token_logps"][real], batch["ref_per_token_logps"][real], atol=1e-5)
+    _randomise_adapter(trainer.model)
+    batch = trainer._generate_and_score_completions(task_inputs(config))
+    real = batch["completion_mask"].bool()
+    assert not torch.allclose(batch["old_per_token_logps"][real], batch["ref_per_token_logps"][real], atol=1e-3)

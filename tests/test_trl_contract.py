@@ -33,7 +33,7 @@ LOSS_READS = [
 #: TRL / transformers functions sdar calls or patches: (module, name, parameters that must exist)
 FUNCTIONS = [
     ("trl.trainer.utils", "_use_triton", ["device"]),  # patched by cpu_scoring.py
-    ("trl.trainer.utils", "add_fused_lm_head", []),  # logprobs.py, teacher_probe.py: training's head
+    ("trl.trainer.utils", "add_fused_lm_head", []),  # logprobs.py: training's head outside the trainer
     ("transformers.trainer_utils", "rotate_checkpoints", []),  # save_total_limit on the run directory
 ]
 

@@ -31,14 +31,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from transformers import PreTrainedModel
-
-from .batching import left_pad, right_pad
 from .config import RunConfig
 from .envs import environment_factory
 from .envs.base import Environment, Observation, Task
 from .expert import NoExpert, expert_turns
+from .logprobs import score_responses
 from .models import adapter_switched_off, pick_device
 from .rollout import HFPolicy, TurnRenderer, play_episodes
 from .targets import Target, load_agent
@@ -80,42 +77,6 @@ class _RecordedExpert:
 
     def expert_action(self) -> str | None:
         return self.action
-
-
-@torch.no_grad()
-def fused_response_logps(
-    model: PreTrainedModel, prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int, batch_size: int
-) -> list[list[float]]:
-    """log pi(response token | prompt, earlier response tokens) through TRL's fused log-prob head, the path
-    SDARTrainer's reference, teacher and loss passes take (the model must carry the head: `add_scoring_head`).
-    Rows are laid out as in training: prompt left-padded, response right-padded; only response tokens are
-    labelled."""
-    device = next(model.parameters()).device
-    logps: list[list[float]] = []
-    for start in range(0, len(prompts), batch_size):
-        prompt_ids, prompt_mask = left_pad(prompts[start : start + batch_size], pad_id)
-        rows = responses[start : start + batch_size]
-        response_ids, response_mask = right_pad(rows, pad_id)
-        keep = response_ids.size(1)
-        input_ids = torch.cat([prompt_ids, response_ids], 1).to(device)
-        attention_mask = torch.cat([prompt_mask, response_mask], 1).to(device)
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        labels[:, :-keep] = -100
-        output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
-        token_logps = output.log_probs[:, -keep:].float().cpu()
-        logps += [row[: len(response)].tolist() for row, response in zip(token_logps, rows)]
-    return logps
-
-
-def add_scoring_head(model: PreTrainedModel, temperature: float) -> None:
-    """Give `model` TRL's fused log-prob head at `temperature`, as GRPOTrainer does for training."""
-    from trl.trainer.utils import add_fused_lm_head
-
-    from .cpu_scoring import score_only_labelled_positions_on_cpu
-
-    score_only_labelled_positions_on_cpu()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    add_fused_lm_head(base, temperature=temperature)
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -209,13 +170,16 @@ def expert_states(
 
 # ------------------------------------------------------------------------------------------ the probe
 def _score(model, config: RunConfig, tokenizer, prompts_and_responses: list[tuple[list[int], list[int], list[int]]]):
-    """Student and teacher log-probs of (student prompt, teacher prompt, response) triples."""
-    batch_size = config.train.logprob_batch_size
+    """Student and teacher log-probs of (student prompt, teacher prompt, response) triples, scored as training
+    scores them (logprobs.score_responses: TRL's fused head at rollout.temperature)."""
+    batch_size, temperature = config.train.logprob_batch_size, config.rollout.temperature
     pad = tokenizer.pad_token_id
     responses = [response for _, _, response in prompts_and_responses]
-    student = fused_response_logps(model, [s for s, _, _ in prompts_and_responses], responses, pad, batch_size)
+    student_prompts = [s for s, _, _ in prompts_and_responses]
+    teacher_prompts = [t for _, t, _ in prompts_and_responses]
+    student = score_responses(model, student_prompts, responses, pad, batch_size, temperature)
     with adapter_switched_off(model, off=config.teacher.weights == "base"):
-        teacher = fused_response_logps(model, [t for _, t, _ in prompts_and_responses], responses, pad, batch_size)
+        teacher = score_responses(model, teacher_prompts, responses, pad, batch_size, temperature)
     return student, teacher
 
 
@@ -235,7 +199,6 @@ def probe_teacher(target: Target, states: int, model=None, tokenizer=None) -> di
         env.close()
     if model is None:
         model, tokenizer = load_agent(target, pick_device(config.train.device))
-    add_scoring_head(model, config.rollout.temperature)
     renderer = TurnRenderer(tokenizer, config.rollout, config.teacher)
     beta = config.effective_gate_beta
     report: dict[str, Any] = {

@@ -5,17 +5,37 @@ checkpointing, the fused log-prob head, the PPO-clip loss with its loss types (d
 the update schedule (steps_per_generation, num_iterations), its bias-corrected k3 KL (an option), the
 entropy bonus, report_to logging and checkpoint/resume.
 
-What SDAR adds, overriding three methods:
-- `_generate_and_score_completions`: multi-turn episodes instead of single completions; each turn
-  is one sample; rewards from the environment; group advantages; one no-grad reference pass
-  (adapter off), one no-grad teacher pass (privileged prompt, adapter on or off) and, when a rollout
-  batch feeds several updates (or for rlsd), one pass under the rollout policy (old log-probs).
-- `_compute_loss`: TRL's GRPO loss + the official clamped k3 KL + lambda * L_SDAR (or skill_sd's term),
-  with the gate computed from the very student log-probs TRL's loss used; the gates are recorded.
+What SDAR adds, overriding these methods:
+- `_generate_and_score_completions`: multi-turn episodes instead of single completions, in named steps:
+  `_rollout` (each turn is one sample; rewards from the environment), `_advantages` (group advantages),
+  `_training_batch` (padded to TRL's chunks), `_no_grad_passes`: one `_score_responses` each for the
+  reference (adapter off), the teacher (privileged prompt, adapter on or off) and, when a rollout batch
+  feeds several updates (or for rlsd), the rollout policy (old log-probs).
+- `_compute_loss`: TRL's GRPO loss + the official clamped k3 KL + lambda * L_SDAR (`losses.sdar_objective`,
+  or skill_sd's term), with the gate computed from the very student log-probs TRL's loss used (captured in
+  our `_get_per_token_logps_and_entropies`); the gates are recorded.
+- `training_step`: once per update, gate statistics, gates/step-N.jsonl and the non-finite guard.
 - `_save_checkpoint`: written to a staging folder and renamed, so a checkpoint is whole or absent.
 
 The rollout itself is `_play_episodes`, so `sdar bench` can swap in a fixed synthetic batch and time
 the rest of the real step.
+
+The batch `_generate_and_score_completions` hands TRL ([B] per row, [B, T] per response token; T is the
+longest response; padding rows have completion_mask 0 and sample_index -1):
+
+| key | shape | read by | what |
+|---|---|---|---|
+| prompt_ids, prompt_mask | [B, P] | TRL's forward | student prompt, left-padded |
+| completion_ids, completion_mask | [B, T] | TRL's forward and loss | the sampled response ids, right-padded |
+| advantages | [B] ([B, T] for rlsd) | TRL's loss | GRPO advantage (0 for opsd) |
+| num_items_in_batch | scalar | TRL's loss (dapo), `_normalizer` | real response tokens, all processes |
+| num_samples_in_batch | scalar | `_sdar_normalizer` | real turn-samples, all processes |
+| sample_index | [B] | `_record_gates` | index into the step's turn-samples |
+| ref_per_token_logps | [B, T] | TRL's KL / `_official_kl` | R_t, when kl_coef != 0 |
+| teacher_per_token_logps | [B, T] | `_compute_loss` | T_t, when the algorithm has a teacher |
+| old_per_token_logps | [B, T] | TRL's ratio, rlsd, skill_sd | S_old_t, when the batch feeds several updates or rlsd |
+| sampling_per_token_logps | [B, T] | `_correct_for_the_sampler` | vLLM's own log-probs (rollout.engine: vllm) |
+| importance_sampling_ratio | [B, T] or [B, 1] | TRL's loss | set during the loss from the above (vLLM) |
 """
 
 from __future__ import annotations
@@ -189,11 +209,34 @@ class SDARTrainer(GRPOTrainer):
 
     # ----------------------------------------------------------------------------------- rollout
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        generation_started = time.perf_counter()
+        """One rollout batch, in the keys TRL's loss reads (see the class docstring's table):
+        rollout -> advantages -> padded batch -> no-grad passes (reference, teacher, rollout policy)."""
         task_ids = [row["prompt"] for row in inputs]
-        algorithm = self.config.algorithm.name
         # 1-based, as the official (episodes_played counts every process's episodes)
         rollout_step = self._episodes_played // max(1, len(task_ids) * self.accelerator.num_processes) + 1
+        samples, episodes, generation_seconds = self._rollout(task_ids)
+        advantages = self._advantages(samples, episodes)
+        # opsd trains the gated term alone: no policy-gradient signal
+        batch = self._training_batch(samples, advantages if self.rl_term else torch.zeros_like(advantages))
+        reference_seconds, teacher_seconds, old_seconds = self._no_grad_passes(batch)
+        if self.config.algorithm.name == "rlsd":
+            settings = self.config.algorithm
+            lam = rlsd_lambda(rollout_step, settings.rlsd_lambda, settings.rlsd_decay_steps)
+            batch["advantages"] = rlsd_token_advantages(
+                batch["advantages"], batch["teacher_per_token_logps"], batch["old_per_token_logps"], lam, settings.rlsd_clip
+            ) * batch["completion_mask"]
+            self._metrics["train"]["rlsd_lambda"].append(lam)
+
+        self._step_samples = samples
+        self._step_advantages = advantages
+        self._gate_records = {}
+        self._log_rollout_metrics(samples, episodes, generation_seconds, reference_seconds, teacher_seconds, old_seconds)
+        return batch
+
+    def _rollout(self, task_ids: list[str]) -> tuple[list[TurnSample], list[EpisodeResult], float]:
+        """Play the step's episodes (no gradient, eval mode); the turn-samples of the episodes that did not fail in
+        the environment, every episode, and the seconds it took."""
+        generation_started = time.perf_counter()
         group_size = self.num_generations
         # TRL's sampler hands rank r the r-th slice of the step's tasks (whole groups: see distributed.py)
         self._first_episode = self._episodes_played + self.accelerator.process_index * len(task_ids)
@@ -214,28 +257,31 @@ class SDARTrainer(GRPOTrainer):
         # an episode that failed in the environment has no outcome to learn from: its turns are not trained on
         # (dropped before the advantages, so they neither score 0 nor shift their group's mean)
         failed = {e.episode for e in episodes if e.env_error}
-        samples = [s for s in samples if s.episode not in failed]
+        return [s for s in samples if s.episode not in failed], episodes, generation_seconds
 
+    def _advantages(self, samples: list[TurnSample], episodes: list[EpisodeResult]) -> torch.Tensor:
+        """GRPO advantages of the turn-samples [N]: over each group's samples, or (advantage_norm: episode) with each
+        episode counted once in the baseline."""
         rewards = torch.tensor([s.reward for s in samples])
         group_ids = torch.tensor([s.group for s in samples])
         if self.config.algorithm.advantage_norm == "group":
-            advantages = group_advantages(rewards, group_ids)
-        else:
-            outcome = {e.episode: e.outcome_reward for e in episodes}
-            advantages = episode_advantages(
-                rewards,
-                group_ids,
-                torch.tensor([s.episode for s in samples]),
-                torch.tensor([outcome[s.episode] for s in samples]),
-            )
-        policy_advantages = advantages if self.rl_term else torch.zeros_like(advantages)
+            return group_advantages(rewards, group_ids)
+        outcome = {e.episode: e.outcome_reward for e in episodes}
+        return episode_advantages(
+            rewards,
+            group_ids,
+            torch.tensor([s.episode for s in samples]),
+            torch.tensor([outcome[s.episode] for s in samples]),
+        )
 
+    def _training_batch(self, samples: list[TurnSample], advantages: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The turn-samples padded into TRL's batch on the device, its normalisers counted over all processes."""
         # every process needs the same row count (and so micro-batch size), or TRL's gathers in the loss
         # mismatch: pad to the largest count over the processes
         multiple = self.args.steps_per_generation
         rows = int(distributed.max_over_ranks([len(samples) + (-len(samples)) % multiple])[0])
         batch = collate_turn_samples(
-            samples, policy_advantages, self.processing_class.pad_token_id, multiple, self.with_teacher, min_rows=rows
+            samples, advantages, self.processing_class.pad_token_id, multiple, self.with_teacher, min_rows=rows
         )
         # the normalisers count every process's tokens and samples, as TRL gathers num_items_in_batch: the
         # loss divides by them / num_processes and DDP averages the gradients, so they equal one process's
@@ -243,62 +289,62 @@ class SDARTrainer(GRPOTrainer):
         batch["num_items_in_batch"] = torch.tensor(int(items))
         batch["num_samples_in_batch"] = torch.tensor(int(samples_in_batch))
         device = self.accelerator.device
-        batch = {key: value.to(device) for key, value in batch.items()}
+        return {key: value.to(device) for key, value in batch.items()}
+
+    def _no_grad_passes(self, batch: dict[str, torch.Tensor]) -> tuple[float, float, float]:
+        """Add the no-grad log-probs to `batch`: R_t (reference: adapter off) when kl_coef != 0, T_t (teacher:
+        privileged prompt) when the algorithm has a teacher, S_old_t (the rollout policy) when the batch feeds
+        several updates or for rlsd. Returns the seconds of each pass (0 when skipped)."""
+        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
         completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
-        logits_to_keep = completion_ids.size(1)
-        batch_size = self.config.train.logprob_batch_size
-
-        reference_started = time.perf_counter()
-        with torch.no_grad(), checkpointing_paused(self.model, self.args.gradient_checkpointing_kwargs):
+        reference_seconds = teacher_seconds = old_seconds = 0.0
+        with checkpointing_paused(self.model, self.args.gradient_checkpointing_kwargs):
             if self.beta != 0.0:
-                with adapter_switched_off(model):
-                    batch["ref_per_token_logps"], _, _ = self._get_per_token_logps_and_entropies(
-                        self.model,
-                        torch.cat([batch["prompt_ids"], completion_ids], dim=1),
-                        torch.cat([batch["prompt_mask"], completion_mask], dim=1),
-                        logits_to_keep,
-                        batch_size=batch_size,
-                    )
-            reference_seconds = self._seconds_since(reference_started) if self.beta != 0.0 else 0.0
-            teacher_started = time.perf_counter()
-            if self.with_teacher:
-                teacher_ids = batch.pop("teacher_prompt_ids")
-                teacher_mask = batch.pop("teacher_prompt_mask")
-                with adapter_switched_off(model, off=self.config.teacher.weights == "base"):
-                    batch["teacher_per_token_logps"], _, _ = self._get_per_token_logps_and_entropies(
-                        self.model,
-                        torch.cat([teacher_ids, completion_ids], dim=1),
-                        torch.cat([teacher_mask, completion_mask], dim=1),
-                        logits_to_keep,
-                        batch_size=batch_size,
-                    )
-            teacher_seconds = self._seconds_since(teacher_started) if self.with_teacher else 0.0
-            old_started = time.perf_counter()
-            scores_rollout_policy = self._reuses_rollout_batch or algorithm == "rlsd"
-            if scores_rollout_policy:
-                # the policy that sampled, scored once: the PPO ratio of every later update is against it
-                batch["old_per_token_logps"], _, _ = self._get_per_token_logps_and_entropies(
-                    self.model,
-                    torch.cat([batch["prompt_ids"], completion_ids], dim=1),
-                    torch.cat([batch["prompt_mask"], completion_mask], dim=1),
-                    logits_to_keep,
-                    batch_size=batch_size,
+                started = time.perf_counter()
+                batch["ref_per_token_logps"] = self._score_responses(
+                    prompt_ids, prompt_mask, completion_ids, completion_mask, adapter_off=True
                 )
-            old_seconds = self._seconds_since(old_started) if scores_rollout_policy else 0.0
+                reference_seconds = self._seconds_since(started)
+            if self.with_teacher:
+                started = time.perf_counter()
+                # the teacher scores the student's own response under the privileged prompt s+
+                teacher_ids, teacher_mask = batch.pop("teacher_prompt_ids"), batch.pop("teacher_prompt_mask")
+                batch["teacher_per_token_logps"] = self._score_responses(
+                    teacher_ids, teacher_mask, completion_ids, completion_mask,
+                    adapter_off=self.config.teacher.weights == "base",
+                )
+                teacher_seconds = self._seconds_since(started)
+            if self._reuses_rollout_batch or self.config.algorithm.name == "rlsd":
+                started = time.perf_counter()
+                # the policy that sampled, scored once: the PPO ratio of every later update is against it
+                batch["old_per_token_logps"] = self._score_responses(
+                    prompt_ids, prompt_mask, completion_ids, completion_mask, adapter_off=False
+                )
+                old_seconds = self._seconds_since(started)
+        return reference_seconds, teacher_seconds, old_seconds
 
-        if algorithm == "rlsd":
-            settings = self.config.algorithm
-            lam = rlsd_lambda(rollout_step, settings.rlsd_lambda, settings.rlsd_decay_steps)
-            batch["advantages"] = rlsd_token_advantages(
-                batch["advantages"], batch["teacher_per_token_logps"], batch["old_per_token_logps"], lam, settings.rlsd_clip
-            ) * completion_mask
-            self._metrics["train"]["rlsd_lambda"].append(lam)
-
-        self._step_samples = samples
-        self._step_advantages = advantages
-        self._gate_records = {}
-        self._log_rollout_metrics(samples, episodes, generation_seconds, reference_seconds, teacher_seconds, old_seconds)
-        return batch
+    @torch.no_grad()
+    def _score_responses(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        adapter_off: bool,
+    ) -> torch.Tensor:
+        """log pi(y_t | prompt, y_<t) [B, T] of the completions, no gradient: the reference, teacher and old-policy
+        passes. Through TRL's `_get_per_token_logps_and_entropies`, the forward and fused head (at the rollout
+        temperature) its loss scores the student with, so all four log-probs are comparable; outside a trainer
+        `logprobs.score_responses` makes the same call. `adapter_off`: the base weights (LoRA switched off)."""
+        with adapter_switched_off(self.accelerator.unwrap_model(self.model), off=adapter_off):
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                self.model,
+                torch.cat([prompt_ids, completion_ids], dim=1),
+                torch.cat([prompt_mask, completion_mask], dim=1),
+                completion_ids.size(1),
+                batch_size=self.config.train.logprob_batch_size,
+            )
+        return logps
 
     @property
     def _reuses_rollout_batch(self) -> bool:
