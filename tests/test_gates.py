@@ -29,7 +29,7 @@ from sdar_cli.gates import (
     summarize,
     token_stats,
 )
-from sdar_cli.gates_html import report_data
+from sdar_cli.gates.html_report import report_data
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")

@@ -333,12 +333,12 @@ def inspect_gates(
             view = _probe_gates(target, config, episodes, [*(overrides or []), *engine_override], task, episode, turn)
         print_gates(console, view, limit)
         if html is not None:
-            from .gates_html import write_html
+            from .gates.html_report import write_html
 
             write_html(html, view)
             console.print(f"HTML report written to {html}", highlight=False)
         if png is not None:
-            from .gates_plots import write_png
+            from .gates.plots import write_png
 
             write_png(png, view)
             console.print(f"Plots written to {png}", highlight=False)
@@ -350,7 +350,7 @@ def _probe_gates(target: str, config: Optional[Path], episodes: int, overrides: 
     from .config import ConfigError
     from .envs import EnvironmentConfigError
     from .evaluate import EvalError
-    from .gate_probe import probe_view
+    from .gates.probe import probe_view
     from .models import ModelLoadError
     from .targets import TargetError, resolve_target
 

@@ -5,7 +5,7 @@ Two callers, one forward and one head:
   TRL's `_get_per_token_logps_and_entropies`, i.e. `model(..., labels, fused_lm_head=True)` on a model
   whose head TRL patched with `add_fused_lm_head(temperature=rollout.temperature)` (the trainer's
   `_score_responses`).
-- Outside a trainer, `sdar inspect-gates CHECKPOINT` (gate_probe.py) and `sdar probe-teacher`
+- Outside a trainer, `sdar inspect-gates CHECKPOINT` (gates/probe.py) and `sdar probe-teacher`
   (teacher_probe.py) score with `score_responses` below: it patches the same head at the same temperature
   and makes the same call on rows laid out as training lays them out, so their gates are the training
   gates (tests/test_gates.py checks they are equal).

@@ -60,7 +60,7 @@ from .batching import collate_turn_samples
 from .config import RunConfig
 from .cpu_scoring import score_only_labelled_positions_on_cpu
 from .envs.base import Environment
-from .gate_record import GateRecord
+from .gates.record import GateRecord
 from .losses import (
     aggregate_tokens,
     clamped_k3_kl,

@@ -1,7 +1,7 @@
 """The gate record: one turn-sample's per-token gates, the one schema of gates/step-N.jsonl.
 
 `SDARTrainer` writes one per trained turn-sample (`gate_rows` below builds them), `sdar inspect-gates`
-reads them back (gates.py) and the gate probe builds them from fresh rollouts (gate_probe.py). Per
+reads them back (gates/__init__.py) and the gate probe builds them from fresh rollouts (gates/probe.py). Per
 response token:
     S_t   student_logp   the student log-prob the loss used
     T_t   teacher_logp   the same weights shown the privileged context

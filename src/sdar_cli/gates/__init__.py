@@ -6,7 +6,7 @@ gates/step-N.jsonl: the response tokens and, per token,
     T_t   teacher log-prob, the same weights shown the privileged context
     g_t = sigmoid(beta * (T_t - S_t))     the gate: near 1 endorsed, near 0 rejected
 plus the turn's action, reward and advantage, and the teacher.placement and teacher.context the teacher
-prompt was built with (teacher_placement, teacher_context); the schema is gate_record.GateRecord. Observations
+prompt was built with (teacher_placement, teacher_context); the schema is gates.record.GateRecord. Observations
 are not stored in the records.
 """
 
@@ -23,8 +23,8 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .gate_record import REQUIRED_FIELDS, GateRecord
-from .rundir import GATES_DIR, METRICS_FILE, read_metrics
+from .record import REQUIRED_FIELDS, GateRecord
+from ..rundir import GATES_DIR, METRICS_FILE, read_metrics
 
 #: a token is "active" when its gate exceeds this (the metric gate_active_ratio)
 ACTIVE_GATE = 0.5

@@ -16,14 +16,14 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
-from .evaluate import evaluation_tasks, play_evaluation
-from .gate_record import GateRecord
-from .gates import GateView, read_metrics, select_or_explain
-from .logprobs import score_responses
-from .losses import group_advantages, sdar_gate
-from .models import adapter_switched_off, pick_device
-from .rollout import TurnSample
-from .targets import Target, load_agent
+from ..evaluate import evaluation_tasks, play_evaluation
+from .record import GateRecord
+from . import GateView, read_metrics, select_or_explain
+from ..logprobs import score_responses
+from ..losses import group_advantages, sdar_gate
+from ..models import adapter_switched_off, pick_device
+from ..rollout import TurnSample
+from ..targets import Target, load_agent
 
 
 def score_samples(

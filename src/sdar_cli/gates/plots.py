@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .gates import ACTIVE_GATE, GATE_RAMP, GateView, gate_histogram, training_curve, turn_stats
+from . import ACTIVE_GATE, GATE_RAMP, GateView, gate_histogram, training_curve, turn_stats
 
 
 def write_png(path: Path, view: GateView) -> None:

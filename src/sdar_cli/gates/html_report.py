@@ -1,5 +1,5 @@
 """`sdar inspect-gates --html`: one self-contained HTML file (inline CSS, JS and SVG; no network).
-The page's HTML, CSS and JS are package data in `sdar_cli/report/`; this module fills in the data.
+The page's HTML, CSS and JS are package data in `sdar_cli/gates/report/`; this module fills in the data.
 
 The page holds the data of up to MAX_REPORT_STEPS steps as JSON and draws, for the step chosen in
 its step selector: summary numbers, the gate histogram, the mean gate by turn, the most endorsed
@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .gates import ACTIVE_GATE, GATE_RAMP, GateRecord, GateView, TokenStat, summarize, training_curve, visible_token
+from . import ACTIVE_GATE, GATE_RAMP, GateRecord, GateView, TokenStat, summarize, training_curve, visible_token
 
 
 def _round(values: list[float], digits: int = 4) -> list[float]:
@@ -92,8 +92,8 @@ def render_html(view: GateView) -> str:
 
 
 def _asset(name: str) -> str:
-    """A file of the page's template (package data in sdar_cli/report/: page.html, style.css, script.js)."""
-    return resources.files("sdar_cli").joinpath("report", name).read_text(encoding="utf-8")
+    """A file of the page's template (package data in sdar_cli/gates/report/: page.html, style.css, script.js)."""
+    return resources.files("sdar_cli.gates").joinpath("report", name).read_text(encoding="utf-8")
 
 
 def write_html(path: Path, view: GateView) -> None:
