@@ -61,7 +61,7 @@ def model_3b() -> tuple[Path, int]:
     import torch
     from transformers import AutoTokenizer
 
-    from sdar_cli.bench import SHAPES, random_model_dir
+    from sdar_cli.perf.bench import SHAPES, random_model_dir
     from sdar_cli.models import embedded_model_dir
 
     folder = random_model_dir("qwen2.5-3b", SHAPES["qwen2.5-3b"], seed=0)

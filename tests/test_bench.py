@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from sdar_cli.bench import BenchConfig, build_report, load_bench_config
+from sdar_cli.perf.bench import BenchConfig, build_report, load_bench_config
 from sdar_cli.config import ConfigError
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
@@ -99,7 +99,7 @@ def test_bench_config_mistakes_name_the_key(tmp_path):
 
 
 def test_a_measured_step_is_one_rollout_and_all_its_updates(tmp_path):
-    from sdar_cli.bench import load_bench_config, run_config
+    from sdar_cli.perf.bench import load_bench_config, run_config
 
     bench = load_bench_config(BENCH_DIR / "tiny.yaml", ["run.train.updates_per_rollout=2", "batch.group_size=4"])
     config = run_config(bench, "sdar", tmp_path / "model", tmp_path / "run")

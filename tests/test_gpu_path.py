@@ -82,7 +82,7 @@ def test_gradient_checkpointing_hooks_stay_constant_over_steps(tiny_model_dir, t
 def test_a_4bit_weight_counts_its_logical_parameters_not_its_packed_bytes():
     from types import SimpleNamespace
 
-    from sdar_cli.bench import logical_parameter_count
+    from sdar_cli.perf.bench import logical_parameter_count
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 6, bias=False), torch.nn.LayerNorm(6))
     assert logical_parameter_count(model) == 48 + 12
@@ -97,7 +97,7 @@ def test_a_4bit_weight_counts_its_logical_parameters_not_its_packed_bytes():
 def test_a_cuda_bench_table_shows_reserved_allocated_and_the_context():
     from rich.console import Console
 
-    from sdar_cli.bench import BenchConfig, build_report, render_table
+    from sdar_cli.perf.bench import BenchConfig, build_report, render_table
 
     gib = 1 << 30
     run = {
@@ -122,7 +122,7 @@ def test_a_cuda_bench_table_shows_reserved_allocated_and_the_context():
 def _seven_b_dry_run_config(folder):
     from transformers import Qwen2Config
 
-    from sdar_cli.bench import SHAPES
+    from sdar_cli.perf.bench import SHAPES
     from sdar_cli.config import load_config
 
     Qwen2Config(**SHAPES["qwen2.5-7b"]).save_pretrained(folder)  # the config alone: no weights
@@ -134,7 +134,7 @@ def _seven_b_dry_run_config(folder):
 
 
 def test_advice_names_the_smallest_knob_change_that_fits(tmp_path):
-    from sdar_cli.memory import (
+    from sdar_cli.perf.memory import (
         ModelShape,
         advice_to_fit,
         estimate_peak_memory,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from sdar_cli.memory import (
+from sdar_cli.perf.memory import (
     LINEAR_MODULES,
     ModelShape,
     Setup,
@@ -35,7 +35,7 @@ def test_parameter_counts_by_hand_and_against_the_public_qwen25_sizes():
     assert parameter_count(SMALL) == {"embeddings": 800, "linear": 1152, "other": 2 * 32 + 8}
     from transformers import AutoConfig
 
-    from sdar_cli.bench import SHAPES
+    from sdar_cli.perf.bench import SHAPES
 
     def total(name: str) -> int:
         shape = ModelShape.from_config(AutoConfig.for_model("qwen2", **SHAPES[name]))
@@ -48,7 +48,7 @@ def test_parameter_counts_by_hand_and_against_the_public_qwen25_sizes():
 def test_parameter_count_matches_a_real_transformers_model():
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sdar_cli.bench import SHAPES
+    from sdar_cli.perf.bench import SHAPES
 
     config = AutoConfig.for_model("qwen2", **SHAPES["tiny"])
     model = AutoModelForCausalLM.from_config(config)

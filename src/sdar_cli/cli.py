@@ -381,7 +381,7 @@ def bench(
     _quiet_libraries()
     import json
 
-    from .bench import BenchError, heading, load_bench_config, render_table, run_benchmark, verdict_lines
+    from .perf.bench import BenchError, heading, load_bench_config, render_table, run_benchmark, verdict_lines
     from .config import ConfigError
     from .models import ModelLoadError
 

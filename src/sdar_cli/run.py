@@ -350,7 +350,7 @@ def dry_run(config: RunConfig, console: Console | None = None) -> list[str]:
     directory; return the warnings (it will not fit the visible GPU or this machine's memory)."""
     from rich.table import Table
 
-    from .memory import ModelShape, advice_to_fit, estimate_peak_memory, setup_for_run, workload_for_run
+    from .perf.memory import ModelShape, advice_to_fit, estimate_peak_memory, setup_for_run, workload_for_run
 
     console = console or Console()
     model_config = load_model_config(config.model)

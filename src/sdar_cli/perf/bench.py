@@ -42,8 +42,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .atomic import staged_dir
-from .config import ConfigError, RunConfig, _describe, apply_override, validate_config
+from ..atomic import staged_dir
+from ..config import ConfigError, RunConfig, _describe, apply_override, validate_config
 
 #: targets of issue 6, checked side by side in one run
 TIME_RATIO_TARGET = 1.15
@@ -209,7 +209,7 @@ def _run_worker(bench: BenchConfig, algorithm: str, model_dir: Path, work_dir: P
         json.dumps({"bench": bench.model_dump(mode="json"), "algorithm": algorithm, "model_dir": str(model_dir)})
     )
     completed = subprocess.run(
-        [sys.executable, "-m", "sdar_cli.bench", str(spec), str(result)], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "sdar_cli.perf.bench", str(spec), str(result)], capture_output=True, text=True, check=False
     )
     if completed.returncode != 0 or not result.is_file():
         tail = "\n".join((completed.stderr or completed.stdout).strip().splitlines()[-15:])
@@ -355,7 +355,7 @@ def random_model_dir(name: str, shape_fields: dict[str, Any], seed: int) -> Path
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .models import cache_dir
+    from ..models import cache_dir
 
     key = hashlib.sha256(json.dumps([shape_fields, seed], sort_keys=True).encode()).hexdigest()[:10]
     target = cache_dir() / "bench-models" / f"{name}-{key}"
@@ -436,9 +436,9 @@ def measure(bench: BenchConfig, algorithm: str, model_dir: Path, run_dir: Path) 
     from transformers import TrainerCallback
 
     from .memory import ModelShape, Workload, estimate_peak_memory, lora_parameter_count, setup_for_run
-    from .models import load_base_model, load_tokenizer, pick_device, pick_dtype
-    from .rollout import EpisodeResult, HFPolicy, TurnSample
-    from .trainer import SDARTrainer, grpo_args
+    from ..models import load_base_model, load_tokenizer, pick_device, pick_dtype
+    from ..rollout import EpisodeResult, HFPolicy, TurnSample
+    from ..trainer import SDARTrainer, grpo_args
 
     config = run_config(bench, algorithm, model_dir, run_dir)
     device = pick_device(config.train.device)
