@@ -199,7 +199,7 @@ def hint_copier(tokenizer, config, steps=100):
     model = build_tiny_model(tokenizer, seed=0)
     renderer = TurnRenderer(tokenizer, config.rollout, config.teacher)
     make_env = environment_factory(config.env.name, config.env.kwargs)
-    unseen = probe_task_ids(config, make_env())[PROBE_STATES:]
+    unseen = probe_task_ids(config, make_env().task_ids(config.env.train_split))[PROBE_STATES:]
     states = expert_states(renderer, make_env, unseen, 96, config.rollout.max_turns, seed=1)
     responses = [tokenizer(demonstration_response(config, s.expert_action), add_special_tokens=False)["input_ids"] for s in states]
     prompt_ids, prompt_mask = left_pad([s.teacher_prompt_ids for s in states], tokenizer.pad_token_id)

@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import atomic
 from .config import RunConfig
-from .envs import environment_factory
+from .envs import environment_split
 from .envs.base import Environment
 from .models import pick_device
 from .progress import progress_bar
@@ -242,16 +242,12 @@ def resolve_targets(names: Sequence[str], config_path: Path | None, overrides: l
 
 def evaluation_tasks(config: RunConfig) -> tuple[Callable[[], Environment], list[str], int]:
     """The environment factory, the chosen tasks of env.eval_split, and the environment's turn limit."""
-    make_env = environment_factory(config.env.name, config.env.kwargs)
-    probe = make_env()
     try:
-        split_task_ids = probe.task_ids(config.env.eval_split)
+        make_env, split_task_ids, max_turns = environment_split(config.env.name, config.env.kwargs, config.env.eval_split)
     except ValueError as err:
         raise EvalError(f"env.eval_split '{config.env.eval_split}': {err}") from None
-    finally:
-        probe.close()
     count = config.eval.episodes // config.eval.samples_per_task
-    return make_env, choose_tasks(split_task_ids, count, config.eval.seed), probe.max_turns
+    return make_env, choose_tasks(split_task_ids, count, config.eval.seed), max_turns
 
 
 #: files of a model or adapter folder that decide what it generates

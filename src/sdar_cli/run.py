@@ -30,7 +30,7 @@ from transformers import TrainerCallback
 
 from . import distributed
 from .config import EnvSettings, RunConfig
-from .envs import environment_factory
+from .envs import environment_factory, environment_split
 from .models import check_lora_targets, load_base_model, load_model_config, load_tokenizer, pick_device, pick_dtype
 from .progress import progress_bar
 from .resume import (
@@ -252,11 +252,8 @@ def _train_opened(
             f"To train further, resume with a larger one: --set train.max_steps={done + config.train.save_steps}",
             done,
         )
-    make_env = environment_factory(config.env.name, config.env.kwargs)
-    probe = make_env()
-    train_task_ids = probe.task_ids(config.env.train_split)
-    max_turns = config.rollout.max_turns or probe.max_turns
-    probe.close()
+    make_env, train_task_ids, env_max_turns = environment_split(config.env.name, config.env.kwargs, config.env.train_split)
+    max_turns = config.rollout.max_turns or env_max_turns
     if not train_task_ids:
         raise RunDirError(f"The environment has no tasks in split '{config.env.train_split}'.")
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import RunConfig
-from .envs import environment_factory
-from .envs.base import Environment, Observation, Task
+from .envs import environment_split
+from .envs.base import Observation, Task
 from .expert import NoExpert, expert_turns
 from .logprobs import score_responses
 from .models import adapter_switched_off, pick_device
@@ -125,12 +125,9 @@ def _summary(gaps: list[float], gates: list[float]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------ states
-def probe_task_ids(config: RunConfig, env: Environment) -> list[str]:
-    """The train tasks in the order the probe plays them (shuffled with train.seed)."""
-    try:
-        task_ids = list(env.task_ids(config.env.train_split))
-    except ValueError as err:
-        raise ProbeError(f"env.train_split '{config.env.train_split}': {err}") from None
+def probe_task_ids(config: RunConfig, split_ids: Sequence[str]) -> list[str]:
+    """The train split's tasks (`split_ids`) in the order the probe plays them (shuffled with train.seed)."""
+    task_ids = list(split_ids)
     if not task_ids:
         raise ProbeError(f"The environment has no tasks in split '{config.env.train_split}'.")
     random.Random(config.train.seed).shuffle(task_ids)
@@ -190,13 +187,12 @@ def probe_teacher(target: Target, states: int, model=None, tokenizer=None) -> di
         raise ProbeError(f"--states must be at least 1, got {states}.")
     started = time.perf_counter()
     config = target.config
-    make_env = environment_factory(config.env.name, config.env.kwargs)
-    env = make_env()
     try:
-        task_ids = probe_task_ids(config, env)
-        max_turns = config.rollout.max_turns or env.max_turns
-    finally:
-        env.close()
+        make_env, split_ids, env_max_turns = environment_split(config.env.name, config.env.kwargs, config.env.train_split)
+    except ValueError as err:
+        raise ProbeError(f"env.train_split '{config.env.train_split}': {err}") from None
+    task_ids = probe_task_ids(config, split_ids)
+    max_turns = config.rollout.max_turns or env_max_turns
     if model is None:
         model, tokenizer = load_agent(target, pick_device(config.train.device))
     renderer = TurnRenderer(tokenizer, config.rollout, config.teacher)

@@ -627,21 +627,12 @@ class SDARTrainer(GRPOTrainer):
             if record is None:
                 continue
             rows.append(
-                GateRecord(
-                    step=step,
-                    task_id=sample.task_id,
-                    task_type=sample.task_type,
-                    episode=sample.episode,
-                    turn=sample.turn,
-                    token_ids=sample.response_ids,
-                    tokens=[tokenizer.decode([token]) for token in sample.response_ids],
+                GateRecord.of_turn(
+                    sample, step, tokenizer.decode,
                     **record,
                     mask=[1] * len(sample.response_ids),
                     advantage=float(self._step_advantages[index]),
-                    reward=sample.reward,
                     beta=self.gate_beta,
-                    action=sample.action,
-                    valid=sample.valid,
                     teacher_placement=self.config.teacher.placement,
                     teacher_context=self.config.teacher.context,
                 )

@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from .atomic import staged_dir
 from .config import RunConfig
-from .envs import environment_factory
+from .envs import environment_split
 from .envs.base import Environment
 from .expert import NoExpert, expert_turns
 from .models import load_base_model, load_tokenizer, lora_config, pick_device
@@ -107,17 +107,12 @@ def warmup(config: RunConfig, output_dir: Path, console=None) -> dict[str, Any]:
         raise WarmupError(f"{output_dir} already exists and is not empty: choose a new --output-dir.")
     started = time.perf_counter()
     settings = config.warmup
-    make_env = environment_factory(config.env.name, config.env.kwargs)
-    probe = make_env()
-    try:
-        split_ids = probe.task_ids(config.env.train_split)
-    finally:
-        probe.close()
+    make_env, split_ids, env_max_turns = environment_split(config.env.name, config.env.kwargs, config.env.train_split)
     if settings.episodes > len(split_ids):
         raise WarmupError(f"warmup.episodes is {settings.episodes} but split '{config.env.train_split}' has {len(split_ids)} tasks.")
     task_ids = random.Random(settings.seed).sample(list(split_ids), settings.episodes)
     tokenizer = load_tokenizer(config.model)
-    max_turns = config.rollout.max_turns or probe.max_turns
+    max_turns = config.rollout.max_turns or env_max_turns
     rows, counts = collect_demonstrations(config, tokenizer, make_env, task_ids, max_turns)
 
     device = pick_device(config.train.device)

@@ -17,6 +17,7 @@ __all__ = [
     "Task",
     "environment_class",
     "environment_factory",
+    "environment_split",
     "require_module",
 ]
 
@@ -79,3 +80,15 @@ def environment_factory(name: str, kwargs: dict[str, Any]) -> Callable[[], Envir
     except ValueError as err:
         raise EnvironmentConfigError(f"env.kwargs rejected by {class_name}: {err}") from None
     return make
+
+
+def environment_split(name: str, kwargs: dict[str, Any], split: str) -> tuple[Callable[[], Environment], list[str], int]:
+    """The environment factory, the task ids of `split` and the environment's own turn limit, read from one
+    environment object built and closed here. An unknown split raises the environment's ValueError."""
+    make_env = environment_factory(name, kwargs)
+    env = make_env()
+    try:
+        return make_env, list(env.task_ids(split)), env.max_turns
+    finally:
+        env.close()
+

@@ -44,22 +44,9 @@ def score_samples(
     for sample, s_logps, t_logps, advantage in zip(samples, student, teacher, advantages.tolist()):
         gate = sdar_gate(torch.tensor(t_logps), torch.tensor(s_logps), beta).tolist()
         records.append(
-            GateRecord(
-                step=step,
-                task_id=sample.task_id,
-                task_type=sample.task_type,
-                episode=sample.episode,
-                turn=sample.turn,
-                tokens=[tokenizer.decode([token]) for token in sample.response_ids],
-                student_logp=s_logps,
-                teacher_logp=t_logps,
-                gate=gate,
-                advantage=advantage,
-                reward=sample.reward,
-                beta=beta,
-                action=sample.action,
-                valid=sample.valid,
-                token_ids=list(sample.response_ids),
+            GateRecord.of_turn(
+                sample, step, tokenizer.decode,
+                student_logp=s_logps, teacher_logp=t_logps, gate=gate, advantage=advantage, beta=beta,
             )
         )
     return records

@@ -13,6 +13,8 @@ so gates files of earlier runs still load; unknown fields are ignored.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -48,6 +50,24 @@ class GateRecord(BaseModel):
         if len({len(self.tokens), len(self.student_logp), len(self.teacher_logp), len(self.gate)}) != 1:
             raise ValueError("tokens, student_logp, teacher_logp and gate differ in length.")
         return self
+
+    @classmethod
+    def of_turn(cls, sample: Any, step: int, decode: Callable[[list[int]], str], **scores: Any) -> GateRecord:
+        """The record of one turn-sample (a rollout.TurnSample): its ids, tokens, action and reward, plus
+        `scores` (student_logp, teacher_logp, gate, advantage, beta and any optional field)."""
+        return cls(
+            step=step,
+            task_id=sample.task_id,
+            task_type=sample.task_type,
+            episode=sample.episode,
+            turn=sample.turn,
+            token_ids=list(sample.response_ids),
+            tokens=[decode([token]) for token in sample.response_ids],
+            reward=sample.reward,
+            action=sample.action,
+            valid=sample.valid,
+            **scores,
+        )
 
     @property
     def gaps(self) -> list[float]:
