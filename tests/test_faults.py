@@ -286,6 +286,8 @@ CASES = [
     Case("env-int-actions", env_fault("int_actions"), 0, "admissible_actions must be a list of strings",
          failed_half_and_not_trained),
     Case("env-no-text", env_fault("no_text"), 0, "observation text is a NoneType", failed_half_and_not_trained),
+    Case("env-expert-raises", env_fault("expert_raises", "teacher.context=next_action"), 0,
+         "failed in the environment (counted in env_error_rate): the expert crashed", failed_half_and_not_trained),
     # 7. a hanging environment call fails its episode after its timeout
     Case("env-step-hangs", env_fault("step_hang", "env.step_timeout_s=0.3"), 0, "took longer than 0.3 s (env.step_timeout_s)",
          failed_half_and_not_trained),

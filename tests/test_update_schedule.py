@@ -205,3 +205,33 @@ def test_each_process_share_must_split_into_updates_times_micro_batches(monkeypa
     distributed.check_world_fits(4, 2, micro_batches=2, updates_per_rollout=2)  # 4 episodes a process, 4 chunks
     with pytest.raises(distributed.DistributedConfigError, match=r"updates_per_rollout x train.micro_batches \(8\)"):
         distributed.check_world_fits(4, 2, micro_batches=2, updates_per_rollout=4)
+
+
+def test_checkpoints_and_stops_fall_between_rollout_batches():
+    """A checkpoint inside a rollout batch could not resume it: a save asked mid-batch moves to the batch's end,
+    and an interrupt asked mid-batch stops (and saves) at the batch's end."""
+    from types import SimpleNamespace
+
+    from sdar_cli.run import InterruptWatcher
+
+    from sdar_cli.trainer import _SaveBetweenRolloutBatches
+
+    config = load_config(None, ["rollout.tasks_per_step=2", "rollout.group_size=2", "train.updates_per_rollout=2"])
+    assert config.updates_per_rollout_batch == 2
+
+    # save_steps=3 with 2 updates a batch: the save asked at update 3 happens at update 4, none inside a batch
+    mover, saved = _SaveBetweenRolloutBatches(2), []
+    for step in range(1, 10):
+        control = SimpleNamespace(should_save=step % 3 == 0 or step == 9, should_training_stop=False)
+        mover.on_step_end(None, SimpleNamespace(global_step=step, max_steps=9), control)
+        saved += [step] if control.should_save else []
+    assert saved == [4, 6, 9]  # 9: the run's last update (max_steps) saves wherever it falls
+
+    watcher = InterruptWatcher(console=None, every=2)
+    watcher.requested = True
+    decisions = []
+    for step in (1, 2):
+        control = SimpleNamespace(should_save=False, should_training_stop=False)
+        watcher.on_step_end(None, SimpleNamespace(global_step=step), control)
+        decisions.append((control.should_save, control.should_training_stop))
+    assert decisions == [(False, False), (True, True)]

@@ -105,6 +105,23 @@ def test_engine_vllm_without_vllm_is_a_clear_error(tiny_model_dir, tmp_path):
     assert bad.exit_code == 2 and "rollout.engine" in bad.output
 
 
+
+def test_engine_vllm_is_refused_under_several_processes(monkeypatch):
+    from sdar_cli.config import load_config
+    from sdar_cli.models import ModelLoadError
+    from sdar_cli.vllm_policy import check_engine
+
+    config = load_config(None, ["rollout.engine=vllm"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ModelLoadError, match="runs in one process only"):
+        check_engine(config)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    if not vllm_available():  # one process: the only complaint is the missing package
+        with pytest.raises(ModelLoadError, match="needs the vllm package"):
+            check_engine(config)
+    else:
+        check_engine(config)
+
 # ------------------------------------------------------------------------------------ with vLLM
 
 

@@ -112,6 +112,11 @@ class FaultyEnv(HouseholdEnv):
             return task, Observation(text=observation.text, admissible_actions=[], reward=float("nan"))
         return task, Observation(text=observation.text, admissible_actions=[])
 
+    def expert_action(self):
+        if self.faulty() and self.fault == "expert_raises":
+            raise RuntimeError("the expert crashed")
+        return super().expert_action()
+
     def step(self, action):
         from sdar_cli.envs.base import Observation
 

@@ -3,7 +3,8 @@
 TRL splits a generation batch into `updates_per_rollout x micro_batches` equal chunks (its
 steps_per_generation) and silently drops the remainder rows, while a rollout yields a variable number
 of turn-samples. So the batch is padded to a multiple of that chunk count with copies of a real row whose loss mask is zero and whose
-`sample_index` is -1: they cost compute, never change the loss, and no real sample is lost.
+`sample_index` is -1: they cost compute and no real sample is lost. They never change token-mean losses
+(dapo, cispo, the default); loss types that average over rows (grpo, sapo, dr_grpo) count them, as TRL does.
 (Copies rather than empty rows because a row with no attended token gives NaN attention.)
 """
 

@@ -210,7 +210,7 @@ def compare(
             run_dir = output_dir / run_name(method, seed)
             overrides = [*spec.overrides, *spec.methods[method], f"train.seed={seed}", f"output.dir={run_dir}"]
             config = load_config(config_path, overrides)
-            done_steps = [r["step"] for r in read_metrics(run_dir, strict=True)]
+            done_steps = [r["step"] for r in read_metrics(run_dir)]  # a torn last line: resumed and repaired below
             if done_steps and max(done_steps) >= config.train.max_steps and latest_checkpoint(run_dir):
                 console.print(f"{run_name(method, seed)}: already trained ({max(done_steps)} steps), kept.")
             else:

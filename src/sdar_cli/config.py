@@ -235,7 +235,7 @@ class TeacherSettings(_Section):
 
 
 class TrainSettings(_Section):
-    max_steps: int = Field(150, ge=1, description="rollout-and-update steps")
+    max_steps: int = Field(150, ge=1, description="optimizer updates (rollout batches x updates_per_rollout x epochs_per_rollout)")
     save_steps: int = Field(25, ge=1, description="write a checkpoint every N steps (and at the end)")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds torch, numpy and the task order")
     learning_rate: float = Field(1e-5, gt=0.0)
@@ -338,6 +338,11 @@ class RunConfig(_Section):
                 f"rollout.group_size ({episodes})"
             )
         return self
+
+    @property
+    def updates_per_rollout_batch(self) -> int:
+        """Optimizer updates one rollout batch gives (updates_per_rollout x epochs_per_rollout)."""
+        return self.train.updates_per_rollout * self.train.epochs_per_rollout
 
     @model_validator(mode="after")
     def _dual_clip_above_the_clip_range(self) -> RunConfig:

@@ -108,11 +108,6 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def barrier() -> None:
-    if _active():
-        dist.barrier()
-
-
 def broadcast_from_main(value: Any) -> Any:
     """The main process's `value` on every rank (any picklable object)."""
     if not _active():

@@ -100,6 +100,17 @@ class _EpisodeState:
 SHUFFLE_POOL_TASKS = 256
 
 
+class RecordedExpert:
+    """Stands in for an environment at a state whose expert action is already known: TurnRenderer asks it only
+    for that action (the rollout reads it once per turn, bounded and failure-checked like a step)."""
+
+    def __init__(self, action: str | None):
+        self.action = action
+
+    def expert_action(self) -> str | None:
+        return self.action
+
+
 class TurnRenderer:
     """Builds the student and teacher prompt ids of a turn.
 
@@ -532,8 +543,19 @@ def _play_turns(
         active = [state for state in episodes if not state.done]
         if not active:
             break
-        renderer.remember_contexts((s.task, s.observation.privileged, s.env) for s in active)
-        privileged_texts = [renderer.privileged_context(s.task, s.observation.privileged, s.env) for s in active]
+        # the teacher's next_action / shuffled contexts need the expert's action: one bounded call per episode,
+        # and an expert that raises or hangs fails its episode like a step would
+        experts: dict[int, RecordedExpert | None] = {}
+        if renderer.teacher.context in ("next_action", "shuffled"):
+            for state in active:
+                experts[id(state)] = _expert_now(state, step_timeout)
+            active = [state for state in active if not state.done]
+            if not active:
+                break
+        renderer.remember_contexts((s.task, s.observation.privileged, experts.get(id(s))) for s in active)
+        privileged_texts = [
+            renderer.privileged_context(s.task, s.observation.privileged, experts.get(id(s))) for s in active
+        ]
         turn_prompts = [
             renderer.turn_prompt_ids(
                 s.task, s.history, s.shown_observation(), s.observation.admissible_actions, privileged
@@ -579,6 +601,19 @@ def _play_turns(
         for sample in episode_samples.get(state.result.episode, []):
             sample.reward = state.result.outcome_reward - (0.0 if sample.valid else penalty)
     return samples
+
+
+def _expert_now(state: _EpisodeState, timeout: float | None) -> RecordedExpert | None:
+    """The expert's action in the episode's current state; None (and the episode failed) when asking failed."""
+    try:
+        action = _bounded(state.env.expert_action, timeout, "env expert_action", "env.step_timeout_s")
+        if action is not None and not isinstance(action, str):
+            raise TypeError(f"expert_action() returned a {type(action).__name__}, not a string or None")
+    except Exception as err:  # noqa: BLE001 - a broken environment fails its episode, not the run
+        state.hung = isinstance(err, EnvTimeout)
+        _fail(state, err)
+        return None
+    return RecordedExpert(action)
 
 
 def _advance(

@@ -29,6 +29,7 @@ from rich.markup import escape
 from transformers import TrainerCallback
 
 from . import distributed
+from .atomic import write_text
 from .config import EnvSettings, RunConfig
 from .envs import environment_factory, environment_split
 from .models import check_lora_targets, load_base_model, load_model_config, load_tokenizer, pick_device, pick_dtype
@@ -129,7 +130,7 @@ def forget_steps_after(run_dir: Path, step: int) -> None:
     if metrics.is_file():
         lines = metrics.read_text(errors="replace").splitlines()
         kept = [line for line in lines if (number := _metrics_step(line)) is not None and number <= step]
-        metrics.write_text("".join(line + "\n" for line in kept))
+        write_text(metrics, "".join(line + "\n" for line in kept))  # whole: a kill here loses no row
     gates = run_dir / GATES_DIR
     if gates.is_dir():
         for path in gates.glob("step-*.jsonl"):
@@ -175,7 +176,8 @@ def check_resumable(config: RunConfig, saved_config: Path) -> dict[str, tuple[An
         raise RunDirError(
             f"Cannot resume with changed settings that alter what the checkpoint was trained with: {listed}. Use the "
             f"values in {saved_config}, or train with these settings in a new --output-dir. (Settings a resume may change: "
-            "train.max_steps, save_steps, report_to, device; output.*, eval.*, env.workers, env timeouts.)"
+            "train.max_steps, save_steps, report_to, device, logprob_batch_size, max_nonfinite_updates; output.*, eval.*, "
+            "warmup.*, env.workers, env timeouts.)"
         )
     return changes
 
@@ -261,7 +263,7 @@ def _train_opened(
     model = load_base_model(config.model, device)
     check_lora_targets(model, config.model)
 
-    interrupt = InterruptWatcher(console, config.env)
+    interrupt = InterruptWatcher(console, config.env, every=config.updates_per_rollout_batch)
     progress = ProgressDisplay(console, config.train.max_steps)
     writer = MetricsWriter(run_dir / METRICS_FILE, progress.summary)
     # only the main process writes metrics.jsonl and shows progress (the metrics are already over all ranks)
@@ -285,6 +287,16 @@ def _train_opened(
         (run_dir / CONFIG_FILE).write_text(config.to_yaml())
     if checkpoint:
         console.print(f"Resuming from {checkpoint} (step {checkpoint_step(checkpoint)}).")
+        if checkpoint_step(checkpoint) % config.updates_per_rollout_batch:
+            # only a run that ended at a max_steps inside a rollout batch leaves such a checkpoint
+            console.print(
+                f"[yellow]Warning:[/yellow] step {checkpoint_step(checkpoint)} is inside a rollout batch of "
+                f"{config.updates_per_rollout_batch} updates; its remaining updates are not kept in a checkpoint, so "
+                "training goes on with a fresh rollout. Make train.max_steps a multiple of updates_per_rollout x "
+                "epochs_per_rollout to avoid this.",
+                highlight=False,
+                soft_wrap=True,
+            )
     with interrupt.installed():
         try:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -560,9 +572,11 @@ class InterruptWatcher(TrainerCallback):
 
     SAME_INTERRUPT_SECONDS = 2.0
 
-    def __init__(self, console: Console, env: EnvSettings | None = None):
+    def __init__(self, console: Console, env: EnvSettings | None = None, every: int = 1):
         self.console = console
         self.env = env
+        #: optimizer updates per rollout batch: the run stops (and checkpoints) only between batches
+        self.every = every
         self.requested = False
         self._requested_at = 0.0
 
@@ -593,7 +607,7 @@ class InterruptWatcher(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.requested = distributed.any_rank(self.requested)
-        if self.requested:
+        if self.requested and state.global_step % self.every == 0:
             control.should_save = True
             control.should_training_stop = True
         return control

@@ -37,7 +37,7 @@ from .envs.base import Observation, Task
 from .expert import NoExpert, expert_turns
 from .logprobs import score_responses
 from .models import adapter_switched_off, pick_device
-from .rollout import HFPolicy, TurnRenderer, play_episodes
+from .rollout import HFPolicy, RecordedExpert, TurnRenderer, play_episodes
 from .targets import Target, load_agent
 from .warmup import demonstration_response
 
@@ -68,15 +68,6 @@ class ProbeState:
     expert_action: str
     other_action: str
 
-
-class _RecordedExpert:
-    """Stands in for an environment at a recorded state: TurnRenderer asks it only for the expert's action."""
-
-    def __init__(self, action: str | None):
-        self.action = action
-
-    def expert_action(self) -> str | None:
-        return self.action
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -154,10 +145,10 @@ def expert_states(
         except NoExpert:
             return None
     # `shuffled` draws from other tasks' contexts: let every state's context into the pool first
-    renderer.remember_contexts((task, obs.privileged, _RecordedExpert(action)) for task, _, obs, action, _, _ in recorded)
+    renderer.remember_contexts((task, obs.privileged, RecordedExpert(action)) for task, _, obs, action, _, _ in recorded)
     states = []
     for task, history, observation, action, other, turn in recorded:
-        privileged = renderer.privileged_context(task, observation.privileged, _RecordedExpert(action))
+        privileged = renderer.privileged_context(task, observation.privileged, RecordedExpert(action))
         student, teacher = renderer.turn_prompt_ids(
             task, history, observation.text, observation.admissible_actions, privileged
         )

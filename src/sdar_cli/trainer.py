@@ -76,6 +76,7 @@ from .losses import (
 )
 from .models import adapter_switched_off, adapter_weights_to_fp32, checkpointing_paused, lora_config
 from .rollout import EnvTimeouts, EpisodeResult, HFPolicy, TurnRenderer, TurnSample, play_episodes
+from .rundir import GATES_DIR
 
 SDAR_STATE_FILE = "sdar_state.json"
 
@@ -167,7 +168,7 @@ class SDARTrainer(GRPOTrainer):
             train_dataset=Dataset.from_dict({"prompt": list(train_task_ids)}),
             processing_class=tokenizer,
             peft_config=lora_config(config.model),
-            callbacks=[*(callbacks or []), _NonFiniteGuard(self)],
+            callbacks=[*(callbacks or []), _NonFiniteGuard(self), _SaveBetweenRolloutBatches(config.updates_per_rollout_batch)],
         )
         score_only_labelled_positions_on_cpu()
         adapter_weights_to_fp32(self.model)
@@ -184,7 +185,7 @@ class SDARTrainer(GRPOTrainer):
         self.sdar_coef = config.algorithm.sdar_coef if self.sdar_term else 0.0
         self.gate_beta = config.effective_gate_beta
         self.rl_term = algorithm != "opsd"
-        self.gates_dir = Path(args.output_dir) / "gates"
+        self.gates_dir = Path(args.output_dir) / GATES_DIR
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.stop_reason: str | None = None
@@ -365,7 +366,6 @@ class SDARTrainer(GRPOTrainer):
             policy.load_adapter(model)  # this step's adapter, as a LoRARequest
         else:
             policy = HFPolicy(model, self.processing_class, self.config.rollout)
-        self.renderer.truncated_prompts = 0  # counted per step
         try:
             return play_episodes(
                 task_ids,
@@ -518,8 +518,9 @@ class SDARTrainer(GRPOTrainer):
         old_logps = student_logps.detach() if old_logps is None else old_logps  # on-policy: rho = 1, with gradient
         token_loss = skill_sd_token_loss(inputs["teacher_per_token_logps"], student_logps, old_logps)
         mode = "train" if self.model.training else "eval"
-        token_mean = masked_token_sum(token_loss.detach(), mask) / mask.sum().clamp(min=1.0)
-        self._metrics[mode]["skill_sd_loss"].append(token_mean.item())
+        # logged over every process's tokens, as the KL is
+        totals = self.accelerator.reduce(torch.stack([masked_token_sum(token_loss.detach(), mask), mask.sum()]))
+        self._metrics[mode]["skill_sd_loss"].append((totals[0] / totals[1].clamp(min=1.0)).item())
         return self._aggregate(token_loss, mask, inputs, self._token_mean_scope)
 
     def _aggregate(self, values: torch.Tensor, mask: torch.Tensor, inputs, loss_type: str) -> torch.Tensor:
@@ -545,7 +546,7 @@ class SDARTrainer(GRPOTrainer):
 
     def _sdar_normalizer(self, mask: torch.Tensor, inputs) -> tuple[str, float | torch.Tensor]:
         """(aggregation, Z) of L_SDAR: algorithm.sdar_aggregation token_mean follows the policy loss's token-mean
-        scope; sequence_mean averages each response's tokens, then the update's responses over all processes."""
+        scope; seq_mean averages each response's tokens, then the update's responses over all processes."""
         if self.config.algorithm.sdar_aggregation == "token_mean":
             return self._normalizer(mask, inputs, self._token_mean_scope)
         samples = inputs["num_samples_in_batch"].clamp(min=1) / self.accelerator.num_processes
@@ -716,12 +717,34 @@ class _NonFiniteGuard(TrainerCallback):
         trainer = self.trainer
         if trainer._nonfinite_this_step:
             trainer._nonfinite_this_step = False
-            if trainer.nonfinite_in_a_row >= trainer.config.train.max_nonfinite_updates:
+            if trainer.nonfinite_in_a_row >= trainer.config.train.max_nonfinite_updates and not trainer.stop_reason:
                 trainer.stop_reason = (
                     f"the loss was not finite in {trainer.nonfinite_in_a_row} steps in a row (up to step "
                     f"{state.global_step}); the updates were skipped and a checkpoint was written. Lower "
                     "train.learning_rate or check the model's dtype, then resume."
                 )
-                control.should_save = True
-                control.should_training_stop = True
+        # stop between rollout batches only: a checkpoint inside one could not resume it
+        if trainer.stop_reason and state.global_step % trainer.config.updates_per_rollout_batch == 0:
+            control.should_save = True
+            control.should_training_stop = True
         return control
+
+
+class _SaveBetweenRolloutBatches(TrainerCallback):
+    """A checkpoint that save_steps puts inside a rollout batch moves to the batch's end: TRL keeps the rest of
+    the batch in memory only, so a checkpoint inside it could not be resumed exactly. Runs after every other
+    callback (interrupts, the non-finite guard and the final save already wait for a batch's end)."""
+
+    def __init__(self, updates_per_batch: int):
+        self.updates_per_batch = updates_per_batch
+        self.pending = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # the run's last update always counts as a batch end: its checkpoint is the run's result
+        at_batch_end = state.global_step % self.updates_per_batch == 0 or state.global_step >= state.max_steps
+        if control.should_save and not at_batch_end:
+            control.should_save, self.pending = False, True
+        elif self.pending and at_batch_end:
+            control.should_save, self.pending = True, False
+        return control
+

@@ -54,6 +54,14 @@ def check_engine(config: RunConfig) -> None:
     """Fail before any loading when rollout.engine=vllm cannot run here (the message says how to fix it)."""
     if config.rollout.engine != "vllm":
         return
+    from . import distributed
+
+    if distributed.is_distributed():
+        # each process would build its engine with the same seed on the default device: not supported yet
+        raise ModelLoadError(
+            "rollout.engine=vllm runs in one process only for now; under torchrun / accelerate launch use "
+            "rollout.engine=hf, or train in one process with vLLM."
+        )
     if not vllm_available():
         raise ModelLoadError(f"rollout.engine=vllm needs the vllm package, which is not installed: {VLLM_INSTALL}")
     max_lora_rank(config.model.lora.r)

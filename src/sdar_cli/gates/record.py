@@ -1,6 +1,6 @@
 """The gate record: one turn-sample's per-token gates, the one schema of gates/step-N.jsonl.
 
-`SDARTrainer` writes one per trained turn-sample (`gate_rows` below builds them), `sdar inspect-gates`
+`SDARTrainer._gate_rows` builds one per trained turn-sample (`GateRecord.of_turn`), `sdar inspect-gates`
 reads them back (gates/__init__.py) and the gate probe builds them from fresh rollouts (gates/probe.py). Per
 response token:
     S_t   student_logp   the student log-prob the loss used
