@@ -160,3 +160,36 @@ def tiny_run_dir(tiny_model_dir, tmp_path_factory) -> Path:
         result = CliRunner().invoke(app, args + [part for o in overrides for part in ("--set", o)])
     assert result.exit_code == 0, result.output
     return root / "run"
+
+
+def randomise_adapter(model, seed: int = 1) -> None:
+    """Give the LoRA B matrices random values: a fresh adapter is the identity, which hides adapter switches."""
+    import torch
+
+    torch.manual_seed(seed)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.5)
+
+
+def student_logps(trainer, batch):
+    """The trainer's no-grad log-probs of a batch's responses (TRL's head, as the loss scores them)."""
+    import torch
+
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model,
+            torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1),
+            torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1),
+            batch["completion_ids"].size(1),
+        )
+    return logps
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory) -> Path:
+    """A config file with only `algorithm.name: sdar`: the tests set the rest with --set."""
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text("algorithm:\n  name: sdar\n")
+    return path
+

@@ -6,19 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import build_trainer, task_inputs, tiny_config
+from conftest import build_trainer, randomise_adapter, student_logps, task_inputs, tiny_config
 
 from sdar_cli.config import ConfigError, load_config
 from sdar_cli.trainer import SDARTrainer
 
 pytestmark = pytest.mark.usefixtures("single_threaded_torch")
-
-
-def _randomise_adapter(model):
-    torch.manual_seed(1)
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            parameter.data.normal_(0, 0.5)
 
 
 def test_rlsd_advantages_are_the_group_advantages_reweighted_by_the_rollout_gap(tiny_model_dir, tmp_path, monkeypatch):
@@ -28,7 +21,7 @@ def test_rlsd_advantages_are_the_group_advantages_reweighted_by_the_rollout_gap(
     monkeypatch.setattr(trainer_module, "group_advantages", lambda rewards, groups: torch.linspace(-1.5, 1.0, len(rewards)))
     config = tiny_config(tiny_model_dir, tmp_path / "run", "algorithm.name=rlsd", "algorithm.rlsd_decay_steps=4")
     trainer, _ = build_trainer(config, tmp_path / "run")
-    _randomise_adapter(trainer.model)
+    randomise_adapter(trainer.model)
     torch.manual_seed(0)
     batch = trainer._generate_and_score_completions(task_inputs(config))
     assert batch["advantages"].dim() == 2 and "old_per_token_logps" in batch
@@ -59,17 +52,11 @@ def test_skill_sd_loss_is_grpo_plus_coef_times_the_importance_weighted_k3(tiny_m
         tiny_model_dir, tmp_path / "run", "algorithm.name=skill_sd", "algorithm.skill_sd_coef=0.5", "algorithm.kl_coef=0"
     )
     trainer, _ = build_trainer(config, tmp_path / "run")
-    _randomise_adapter(trainer.model)
+    randomise_adapter(trainer.model)
     batch = trainer._generate_and_score_completions(task_inputs(config))
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
-    with torch.no_grad():
-        student, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model,
-            torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1),
-            torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1),
-            batch["completion_ids"].size(1),
-        )
+    student = student_logps(trainer, batch)
     batch["old_per_token_logps"] = student - 0.1  # as after an earlier update: rho = e^0.1
     total = trainer._compute_loss(trainer.model, batch)
     grpo_only = super(SDARTrainer, trainer)._compute_loss(trainer.model, batch)

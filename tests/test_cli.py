@@ -29,13 +29,6 @@ def tiny_args(model_dir: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def config_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    path.write_text("algorithm:\n  name: sdar\n")
-    return path
-
-
-@pytest.fixture(scope="module")
 def finished_run(tiny_model_dir, config_file, tmp_path_factory) -> tuple[Path, object]:
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     result = runner.invoke(app, ["train", str(config_file), "--output-dir", str(run_dir), *tiny_args(tiny_model_dir)])

@@ -366,13 +366,6 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def config_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    path.write_text("algorithm:\n  name: sdar\n")
-    return path
-
-
-@pytest.fixture(scope="module")
 def finished(tiny_model_dir, config_file, tmp_path_factory) -> Path:
     ctx = Ctx(tmp_path_factory.mktemp("finished"), tiny_model_dir, config_file, Path())
     with one_torch_thread():

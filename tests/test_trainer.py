@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_trainer, task_inputs, tiny_config
+from conftest import build_trainer, randomise_adapter, student_logps, task_inputs, tiny_config
 from transformers import AutoModelForCausalLM
 
 from sdar_cli.trainer import SDARTrainer
-
-
-def _randomise_adapter(model):
-    torch.manual_seed(1)
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            parameter.data.normal_(0, 0.5)
 
 
 def test_actor_reference_and_teacher_share_one_set_of_base_weights(tiny_model_dir, tmp_path):
@@ -40,7 +33,7 @@ def test_actor_reference_and_teacher_share_one_set_of_base_weights(tiny_model_di
 def test_reference_is_the_base_model_and_teacher_follows_the_switch(tiny_model_dir, tmp_path):
     config = tiny_config(tiny_model_dir, tmp_path / "run")
     trainer, _ = build_trainer(config, tmp_path / "run")
-    _randomise_adapter(trainer.model)
+    randomise_adapter(trainer.model)
     batch = trainer._generate_and_score_completions(task_inputs(config))
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
@@ -69,17 +62,11 @@ def _compute_loss(trainer, batch):
 def test_loss_is_grpo_plus_lambda_times_the_gated_term(tiny_model_dir, tmp_path):
     config = tiny_config(tiny_model_dir, tmp_path / "run", "algorithm.sdar_coef=0.5")
     trainer, _ = build_trainer(config, tmp_path / "run")
-    _randomise_adapter(trainer.model)
+    randomise_adapter(trainer.model)
     batch = trainer._generate_and_score_completions(task_inputs(config))
     total = _compute_loss(trainer, batch)
     grpo_only = super(SDARTrainer, trainer)._compute_loss(trainer.model, batch)
-    with torch.no_grad():
-        student, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model,
-            torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1),
-            torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1),
-            batch["completion_ids"].size(1),
-        )
+    student = student_logps(trainer, batch)
     teacher, mask = batch["teacher_per_token_logps"], batch["completion_mask"].float()
     gate = torch.sigmoid(5.0 * (teacher - student))
     expected_sdar = (gate * (teacher - student) * mask).sum() / mask.sum()
@@ -149,7 +136,7 @@ def test_the_batch_handed_to_trl_holds_exactly_the_documented_keys(tiny_model_di
     # the rollout-policy pass is the live policy (adapter on), the reference the base: equal while the adapter is 0
     real = batch["completion_mask"].bool()
     assert torch.allclose(batch["old_per_token_logps"][real], batch["ref_per_token_logps"][real], atol=1e-5)
-    _randomise_adapter(trainer.model)
+    randomise_adapter(trainer.model)
     batch = trainer._generate_and_score_completions(task_inputs(config))
     real = batch["completion_mask"].bool()
     assert not torch.allclose(batch["old_per_token_logps"][real], batch["ref_per_token_logps"][real], atol=1e-3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_trainer, task_inputs, tiny_config
+from conftest import build_trainer, student_logps, task_inputs, tiny_config
 
 from sdar_cli.config import ConfigError, load_config
 from sdar_cli.trainer import grpo_args
@@ -38,17 +38,6 @@ def test_dual_clip_must_exceed_the_clip_range():
     assert load_config(None, ["algorithm.dual_clip=null"]).algorithm.dual_clip is None
 
 
-def _student_logps(trainer, batch):
-    with torch.no_grad():
-        logps, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model,
-            torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1),
-            torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1),
-            batch["completion_ids"].size(1),
-        )
-    return logps
-
-
 def test_a_rollout_split_into_two_updates_steps_twice_and_the_ratio_moves(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
     config = tiny_config(
@@ -69,7 +58,7 @@ def test_a_rollout_split_into_two_updates_steps_twice_and_the_ratio_moves(tiny_m
     def recording_loss(model, inputs):
         loss = compute_loss(model, inputs)
         real = inputs["completion_mask"].bool()
-        student = _student_logps(trainer, inputs)
+        student = student_logps(trainer, inputs)
         ratios.append(torch.exp(student - inputs["old_per_token_logps"])[real])
         recorded = torch.tensor([g for i in inputs["sample_index"].tolist() if i >= 0 for g in trainer._gate_records[i]["gate"]])
         teacher = inputs["teacher_per_token_logps"]
@@ -107,7 +96,7 @@ def _clip_batch(tiny_model_dir, tmp_path, *overrides):
     batch["advantages"] = torch.tensor([1.0 if i % 2 else -2.0 for i in range(rows)])
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
-    student = _student_logps(trainer, batch)
+    student = student_logps(trainer, batch)
     batch["old_per_token_logps"] = student - 1.5  # ratio e^1.5 = 4.48 on every token
     return trainer, batch
 
@@ -151,7 +140,7 @@ def test_official_kl_is_clamped_k3_with_the_plain_gradient_and_trl_bias_correcti
         batch["advantages"] = torch.zeros_like(batch["advantages"])  # the KL term alone
         trainer.model.train()
         trainer.current_gradient_accumulation_steps = 1
-        student = _student_logps(trainer, batch)
+        student = student_logps(trainer, batch)
         offsets = torch.ones_like(student)
         offsets[:, ::2] = 5.0  # R - S = 5 on every other token: k3 = 142.4, clamped to 10 by the official form
         batch["ref_per_token_logps"] = student + offsets

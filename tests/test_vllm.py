@@ -8,7 +8,16 @@ import math
 
 import pytest
 import torch
-from conftest import CHATML, TINY_OVERRIDES, build_tiny_tokenizer, build_trainer, one_torch_thread, task_inputs, tiny_config
+from conftest import (
+    CHATML,
+    TINY_OVERRIDES,
+    build_tiny_tokenizer,
+    build_trainer,
+    one_torch_thread,
+    student_logps,
+    task_inputs,
+    tiny_config,
+)
 from typer.testing import CliRunner
 
 from sdar_cli.cli import app
@@ -47,17 +56,6 @@ def test_vllm_lora_rank_is_the_next_supported_one():
     assert [max_lora_rank(r) for r in (1, 4, 8, 9, 64)] == [1, 8, 8, 16, 64]
 
 
-def _student_logps(trainer, batch):
-    with torch.no_grad():
-        student, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model,
-            torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1),
-            torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1),
-            batch["completion_ids"].size(1),
-        )
-    return student
-
-
 def _loss(trainer, batch):
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
@@ -81,7 +79,7 @@ def test_the_loss_weighs_each_token_by_the_samplers_importance_ratio(tiny_model_
         assert (batch["completion_mask"].sum(-1) >= 2).all()
         # the random tiny model's rewards are usually all equal: give the rows advantages of both signs
         batch["advantages"] = torch.linspace(-1.0, 1.5, batch["advantages"].numel())
-        batch["sampling_per_token_logps"] = _student_logps(trainer, batch) - math.log(2)
+        batch["sampling_per_token_logps"] = student_logps(trainer, batch) - math.log(2)
         corrected = _loss(trainer, batch)
         config.rollout.vllm.importance_sampling = "none"
         trainer.use_vllm = trainer.vllm_importance_sampling_correction = False
@@ -154,7 +152,7 @@ def test_vllm_rollouts_are_the_adapters_samples_scored_by_the_training_forward(v
             if "lora_B" in name:
                 parameter.data.normal_(0, 0.5)
         batch = trainer._generate_and_score_completions(task_inputs(config))
-        student = _student_logps(trainer, batch)
+        student = student_logps(trainer, batch)
         _loss(trainer, batch)
     real = batch["completion_mask"].bool()
     sampler = batch["sampling_per_token_logps"]
