@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from sdar_cli.cli import app
 from sdar_cli.compare import curve_bands, mean_and_std, read_metrics, results_markdown
+from sdar_cli.stats import exact_mcnemar
 
 
 def test_best_checkpoint_is_the_saved_step_with_the_highest_training_success(tmp_path):
@@ -166,6 +167,29 @@ def test_every_method_and_seed_trains_and_is_evaluated_on_the_same_tasks(compari
     assert "4 held-out episodes per agent (household, split test, sample at T=0.4" in table[8]
     assert (results["seeds"], results["seeds_done"], results["complete"]) == ([0, 1], [0, 1], True)
     assert "Partial" not in results_markdown(results)
+    # each sdar run paired episode by episode with grpo's run of the same seed (the first method)
+    grpo_runs = {r["seed"]: r for r in results["runs"] if r["method"] == "grpo"}
+    for run in results["runs"]:
+        won = [e["won"] for e in run["final_episodes"]]
+        if run["method"] == "grpo":
+            assert "paired" not in run
+            continue
+        theirs = [e["won"] for e in grpo_runs[run["seed"]]["final_episodes"]]
+        expected = {"both": sum(a and b for a, b in zip(won, theirs)), "only_first": sum(a and not b for a, b in zip(won, theirs)),
+                    "only_second": sum(b and not a for a, b in zip(won, theirs)), "neither": sum(not a and not b for a, b in zip(won, theirs))}
+        assert run["paired"] == {"against": "grpo", **expected, "p_value": exact_mcnemar(expected["only_first"], expected["only_second"])}
+    pooled = results["methods"]["sdar"]["paired"]
+    assert pooled["seeds"] == 2 and pooled["against"] == "grpo"
+    for key in ("both", "only_first", "only_second", "neither"):
+        assert pooled[key] == sum(r["paired"][key] for r in results["runs"] if r["method"] == "sdar")
+    assert "paired" not in results["methods"]["grpo"]
+    markdown = results_markdown(results)
+    assert "| method | seed | success | grpo | both won | only method | only grpo | neither | exact McNemar p |" in markdown
+    sdar0 = next(r for r in results["runs"] if (r["method"], r["seed"]) == ("sdar", 0))
+    low, high = sdar0["final"]["success_ci95"]
+    assert (f"| sdar | 0 | {100 * sdar0['final']['success_rate']:.0f}% ({100 * low:.0f}-{100 * high:.0f}) | ") in markdown
+    assert f"| sdar | all | - | - | {pooled['both']} | {pooled['only_first']} | {pooled['only_second']} |" in markdown
+    assert "paired with grpo on the same held-out episodes" in first.output
     # the runs decide the shared settings: the untrained model was played once, though named twice
     assert first.output.count(f"{tiny_model_dir}: 4 episodes in") == 1
     # references are played after the runs (the first target's config would set every target's tasks)
@@ -289,6 +313,11 @@ def test_bad_spec_or_method_is_a_user_error(tmp_path):
         ("methods: {grpo: []}\nreferences: {before RL: m}\n", "the label 'before RL' is also a method or the"),
         ("methods: {grpo: []}\nreferences: {untrained: ''}\n", "'untrained' names no model"),
         ("methods: {grpo: []}\nreferences: [m]\n", "references: Input should be a valid dictionary"),
+        ("methods: {grpo: [], s: {set: [], seeds: [3]}}\nseeds: [0, 1]\n",
+         "methods: s: seeds [3] must be distinct and among the spec's seeds [0, 1]; add [3] to `seeds`"),
+        ("methods: {grpo: [], s: {set: [], seeds: [0, 0]}}\nseeds: [0]\n", "seeds [0, 0] must be distinct"),
+        ("methods: {grpo: [], s: {set: []}}\n", "methods.s.MethodSpec.seeds: Field required"),
+        ("methods: {grpo: []}\npaired_against: sdar\n", "paired_against: 'sdar' is not a method; name one of grpo"),
     ],
 )
 def test_an_ambiguous_spec_is_refused_with_the_fix(tmp_path, spec, message):
@@ -311,7 +340,7 @@ def test_a_missing_reference_or_a_repeated_seed_is_refused_before_any_training(t
     bare = tmp_path / "bare-checkpoint"
     bare.mkdir()
     (bare / "adapter_config.json").write_text("{}")
-    for reference, message in ((str(bare), "is not inside a run directory"), ("runs/warm-x", "Cannot load model 'runs/warm-x'")):
+    for reference, message in ((str(bare), "is not inside a run directory"), ("no-such-folder-here/warm-x", "Cannot load model 'no-such-folder-here/warm-x'")):
         spec["references"] = {"before warm-up": reference}
         (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
         result = CliRunner().invoke(app, ["compare", str(tmp_path / "spec.yaml"), "-o", str(tmp_path / "out")])
@@ -355,3 +384,47 @@ def test_a_best_checkpoint_before_the_last_is_evaluated_as_its_own_target(tiny_m
     assert run["best"]["step"] == 1 and run["best"]["episodes"] == 2
     assert "best_target" not in run
     assert len(list((tmp_path / "out" / "eval-cache").glob("*.json"))) == 2  # the final and the best checkpoint
+
+
+def test_a_method_on_some_seeds_only_and_a_kept_run_trained_with_other_settings(tiny_model_dir, tmp_path):
+    """A sweep on one seed beside the main comparison, paired with the named method; a finished run whose
+    settings the spec no longer gives is refused, not reported under the new ones."""
+    overrides = dict(part.split("=", 1) for part in TINY_OVERRIDES)
+    overrides.update({"model.name": str(tiny_model_dir), "train.max_steps": "1", "eval.episodes": "2", "eval.batch_size": "2"})
+    (tmp_path / "train.yaml").write_text("algorithm:\n  name: sdar\n")
+    spec = {"config": "train.yaml", "seeds": [0, 1], "baseline": False, "paired_against": "grpo",
+            "methods": {"big_lambda": {"set": ["algorithm.sdar_coef=1.0"], "seeds": [1]}, "grpo": ["algorithm.name=grpo"]},
+            "overrides": [f"{key}={value}" for key, value in overrides.items()]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+
+    def run(*args):
+        with one_torch_thread():
+            return CliRunner().invoke(app, ["compare", str(tmp_path / "spec.yaml"), "-o", str(out), *args])
+
+    nothing = run("--methods", "big_lambda", "--seeds", "0")
+    assert nothing.exit_code == 2 and "no run to train: big_lambda trains with seeds [1]" in nothing.output
+    assert not out.exists()
+    first = run("--seeds", "0")
+    assert first.exit_code == 0, first.output
+    partial = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in partial["runs"]] == [("grpo", 0)] and not partial["complete"]
+    assert "big_lambda-seed0" not in first.output and not (out / "big_lambda-seed0").exists()
+    done = run()
+    assert done.exit_code == 0, done.output
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [("big_lambda", 1), ("grpo", 0), ("grpo", 1)]
+    assert results["complete"] and results["methods"]["big_lambda"]["seeds"] == 1
+    assert "grpo-seed0: already trained (1 steps), kept." in done.output
+    big = results["runs"][0]
+    assert big["paired"]["against"] == "grpo" and sum(big["paired"][k] for k in ("both", "only_first", "only_second", "neither")) == 2
+    assert results["methods"]["big_lambda"]["paired"] == {**big["paired"], "seeds": 1}
+    assert yaml.safe_load((out / "big_lambda-seed1" / "config.yaml").read_text())["algorithm"]["sdar_coef"] == 1.0
+    # the spec edited after grpo trained: its finished runs no longer match, and the comparison says so
+    spec["methods"]["grpo"] = ["algorithm.name=grpo", "algorithm.kl_coef=0.5"]
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    changed = run("--methods", "grpo")
+    assert changed.exit_code == 2 and "Traceback" not in changed.output
+    message = " ".join(changed.output.split())
+    assert "grpo-seed0 was trained with other settings than the spec gives it now: algorithm.kl_coef (0.01 -> 0.5)" in message
+    assert json.loads((out / "results.json").read_text()) == results  # nothing rewritten

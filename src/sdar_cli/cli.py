@@ -458,12 +458,13 @@ def compare_methods(
     checkpoint so far (and, with `best: true` in the spec, each run's best checkpoint) play the same
     held-out tasks (each evaluation is kept in OUTPUT/eval-cache and reused while nothing it depends on
     changed), and the results so far are written: OUTPUT/results.json (per run: held-out success and the
-    training curve; per method: mean and standard deviation over seeds, teacher statistics),
-    OUTPUT/results.md (the table in markdown) and OUTPUT/success.png (training and held-out success).
+    training curve; per method: mean and standard deviation over seeds, teacher statistics; each run paired
+    episode by episode with the same seed's run of the spec's `paired_against`, the first method by default),
+    OUTPUT/results.md (the tables in markdown) and OUTPUT/success.png (training and held-out success).
     """
     _single_process("compare")
     _quiet_libraries()
-    from .compare import CompareError, compare, load_spec, results_table, write_results
+    from .compare import CompareError, compare, load_spec, paired_table, results_table, write_results
     from .config import ConfigError
     from .envs import EnvironmentConfigError
     from .evaluate import EvalError
@@ -478,8 +479,13 @@ def compare_methods(
                       CompareError):
         destination = output_dir or Path(load_spec(spec).output)
 
-        def so_far(results: dict) -> None:
+        def show(results: dict) -> None:
             console.print(results_table(results))
+            if (paired := paired_table(results)) is not None:
+                console.print(paired)
+
+        def so_far(results: dict) -> None:
+            show(results)
             try:
                 paths = write_results(results, destination)
             except OSError as err:  # the comparison goes on; the final write tries again
@@ -492,7 +498,7 @@ def compare_methods(
 
         results = compare(spec, destination, chosen_seeds, chosen_methods, console, reevaluate=reevaluate,
                           on_seed_done=so_far)
-    console.print(results_table(results))
+    show(results)
     with _user_errors(OSError, describe=lambda err: f"could not write the results to {destination}: {err}. Free space "
                       "or fix permissions there, then re-run the same command (nothing is trained again)."):
         paths = write_results(results, destination)

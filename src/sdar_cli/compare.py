@@ -13,10 +13,15 @@ tasks (`sdar eval`'s code).
     seeds: [0, 1, 2]
     output: runs/compare/household
 
+A method may train with some of the seeds only (a sweep on one seed beside the main comparison):
+
+      sdar_lambda_1: {set: [algorithm.name=sdar, algorithm.sdar_coef=1.0], seeds: [0]}
+
 Finished runs are kept and skipped, an interrupted one resumes, so the command can be re-run
 until it completes. The results file holds, per run, the held-out success of its final checkpoint
 and its training curve (success on the training batch of every step, from metrics.jsonl); per
-method, the mean and sample standard deviation over seeds.
+method, the mean and sample standard deviation over seeds; and every run's final checkpoint paired episode by
+episode with the same seed's run of `paired_against` (the first method by default), with an exact McNemar test.
 """
 
 from __future__ import annotations
@@ -34,11 +39,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from .atomic import staged_file
-from .config import ConfigError, load_config
+from .config import ConfigError, RunConfig, load_config
 from .evaluate import evaluate_targets
 from .models import ModelLoadError, load_model_config
-from .run import latest_checkpoint, train
+from .resume import changed_settings
+from .run import describe_changes, latest_checkpoint, refused_changes, train
 from .rundir import CONFIG_FILE, read_metrics
+from .stats import PairedCounts, paired_counts
 from .targets import TargetError, resolve_target
 
 
@@ -58,11 +65,23 @@ class CompareError(ValueError):
     """The comparison cannot go on; the message says why."""
 
 
+class MethodSpec(BaseModel):
+    """A method that trains with some of the spec's seeds only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    set: list[str] = Field(description="the --set overrides that make the method")
+    seeds: list[int] = Field(min_length=1, description="the spec's seeds this method trains with")
+
+
 class CompareSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     config: str = Field(description="the training config every run shares, relative to the spec file")
-    methods: dict[str, list[str]] = Field(description="method name -> the --set overrides that make it")
+    methods: dict[str, list[str] | MethodSpec] = Field(
+        description="method name -> the --set overrides that make it, or {set: [...], seeds: [...]} for a method "
+        "that trains with some of the seeds only"
+    )
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     overrides: list[str] = Field(default_factory=list, description="--set overrides for every run")
     eval_overrides: list[str] = Field(default_factory=list, description="--set overrides for the evaluation")
@@ -77,7 +96,22 @@ class CompareSpec(BaseModel):
         description="also evaluate each run's best checkpoint: the saved step with the highest training success "
         "(measured by the next step's rollouts, which it played; never the held-out tasks; the latest on ties)",
     )
+    paired_against: str | None = Field(
+        None, description="the method every other method is paired with, episode by episode (default: the first)"
+    )
     output: str = "runs/compare"
+
+    def overrides_of(self, method: str) -> list[str]:
+        entry = self.methods[method]
+        return entry.set if isinstance(entry, MethodSpec) else entry
+
+    def seeds_of(self, method: str) -> list[int]:
+        entry = self.methods[method]
+        return [seed for seed in self.seeds if seed in entry.seeds] if isinstance(entry, MethodSpec) else self.seeds
+
+    @property
+    def pairing_method(self) -> str:
+        return self.paired_against or next(iter(self.methods))
 
     @field_validator("seeds")
     @classmethod
@@ -100,6 +134,18 @@ class CompareSpec(BaseModel):
                 )
             if not model.strip():
                 raise ValueError(f"references: '{label}' names no model; write `{label}: MODEL`")
+        for method, entry in self.methods.items():
+            if isinstance(entry, MethodSpec):
+                unknown = [seed for seed in entry.seeds if seed not in self.seeds]
+                if unknown or len(set(entry.seeds)) != len(entry.seeds):
+                    raise ValueError(
+                        f"methods: {method}: seeds {entry.seeds} must be distinct and among the spec's seeds "
+                        f"{self.seeds}; add {unknown or 'nothing'} to `seeds` or drop it from the method"
+                    )
+        if self.paired_against is not None and self.paired_against not in self.methods:
+            raise ValueError(
+                f"paired_against: '{self.paired_against}' is not a method; name one of {', '.join(self.methods)}"
+            )
         return self
 
 
@@ -143,6 +189,23 @@ def best_checkpoint(run_dir: Path, metrics: list[dict[str, Any]]) -> Path | None
         return None
     best = max(candidates, key=lambda step: (success[step], step))
     return run_dir / f"checkpoint-{best - 1}"
+
+
+def check_kept_run(config: RunConfig, run_dir: Path, name: str) -> None:
+    """A finished run is kept only if it was trained with what the spec gives it now (a spec edited after the
+    run would otherwise be reported with the old run's results under the new settings)."""
+    try:
+        saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, dict) or not saved:
+        raise CompareError(f"{name}: {run_dir / CONFIG_FILE} is missing or damaged, so what it trained is unknown. "
+                           f"Move {run_dir} away to train it again.")
+    if refused := refused_changes(saved, changed_settings(saved, config.model_dump(mode="json"))):
+        raise CompareError(
+            f"{name} was trained with other settings than the spec gives it now: {describe_changes(refused)}. "
+            f"Restore the spec, or move {run_dir} away to train it again."
+        )
 
 
 def finite_or_none(value: Any) -> Any:
@@ -199,6 +262,11 @@ def compare(
     for chosen, what in ((chosen_methods, "methods"), (chosen_seeds, "seeds")):
         if len(set(chosen)) != len(chosen):
             raise CompareError(f"--{what} names one twice: {','.join(map(str, chosen))}; name each once.")
+    if not any(seed in spec.seeds_of(method) for seed in chosen_seeds for method in chosen_methods):
+        raise CompareError(
+            "no run to train: " + "; ".join(f"{m} trains with seeds {spec.seeds_of(m)}" for m in chosen_methods)
+            + f", not with --seeds {','.join(map(str, chosen_seeds))}."
+        )
     check_references(spec, config_path)
 
     runs: list[dict[str, Any]] = []
@@ -207,11 +275,14 @@ def compare(
     # seed by seed, every method once per seed: a comparison stopped part-way has the same seeds for all methods
     for seed in chosen_seeds:
         for method in chosen_methods:
+            if seed not in spec.seeds_of(method):
+                continue
             run_dir = output_dir / run_name(method, seed)
-            overrides = [*spec.overrides, *spec.methods[method], f"train.seed={seed}", f"output.dir={run_dir}"]
+            overrides = [*spec.overrides, *spec.overrides_of(method), f"train.seed={seed}", f"output.dir={run_dir}"]
             config = load_config(config_path, overrides)
             done_steps = [r["step"] for r in read_metrics(run_dir)]  # a torn last line: resumed and repaired below
             if done_steps and max(done_steps) >= config.train.max_steps and latest_checkpoint(run_dir):
+                check_kept_run(config, run_dir, run_name(method, seed))
                 console.print(f"{run_name(method, seed)}: already trained ({max(done_steps)} steps), kept.")
             else:
                 console.print(f"[bold]{run_name(method, seed)}[/bold]: training {config.train.max_steps} steps.")
@@ -285,8 +356,9 @@ def _evaluate(
         if spec.best:
             best = by_target[run.pop("best_target")] if "best_target" in run else result
             run["best"] = {"step": best["step"], "checkpoint": best["checkpoint"], **best["overall"]}
+    pair_runs(runs, spec.pairing_method)
     summary = {}
-    for method in chosen_methods:
+    for method in [m for m in chosen_methods if any(run["method"] == m for run in runs)]:
         rates = [run["final"]["success_rate"] for run in runs if run["method"] == method]
         mean, std = mean_and_std(rates)
         summary[method] = {"seeds": len(rates), "success_mean": mean, "success_std": std, "per_seed": rates}
@@ -299,8 +371,16 @@ def _evaluate(
             best_rates = [run["best"]["success_rate"] for run in runs if run["method"] == method]
             best_mean, best_std = mean_and_std(best_rates)
             summary[method].update(best_mean=best_mean, best_std=best_std, best_per_seed=best_rates)
+        pairs = [PairedCounts(**{k: run["paired"][k] for k in PAIR_KEYS}) for run in runs
+                 if run["method"] == method and "paired" in run]
+        if pairs:  # over the seeds paired: episodes of different seeds taken as independent
+            pooled = sum(pairs[1:], pairs[0])
+            summary[method]["paired"] = {"against": spec.pairing_method, "seeds": len(pairs), **vars(pooled),
+                                         "p_value": pooled.p_value}
     trained_seeds = {run["seed"] for run in runs}
     seeds_done = [seed for seed in dict.fromkeys([*spec.seeds, *chosen_seeds]) if seed in trained_seeds]
+    trained = {(run["method"], run["seed"]) for run in runs}
+    planned = {(method, seed) for method in spec.methods for seed in spec.seeds_of(method)}
     return {
         "spec": spec.model_dump(),
         "spec_file": str(spec_path),
@@ -308,7 +388,7 @@ def _evaluate(
         "seeds": spec.seeds,
         "seeds_done": seeds_done,
         "methods_done": chosen_methods,
-        "complete": set(seeds_done) >= set(spec.seeds) and set(chosen_methods) == set(spec.methods),
+        "complete": trained >= planned,
         "evaluation": report["settings"],
         "baseline": {"model": base_model, **by_target[base_model]["overall"]} if spec.baseline else None,
         "references": {
@@ -321,6 +401,23 @@ def _evaluate(
             "eval_seconds": sum(eval_seconds.values()),  # as played, also for evaluations reused from the cache
         },
     }
+
+
+#: a pairing's counts, as PairedCounts names them
+PAIR_KEYS = ("both", "only_first", "only_second", "neither")
+
+
+def pair_runs(runs: list[dict[str, Any]], against: str) -> None:
+    """Add to every run of another method the episode-by-episode pairing of its final checkpoint with the run
+    of `against` with the same seed (when there is one): counts and the exact McNemar p-value. `only_first`
+    counts the episodes this run won and `against` lost."""
+    by_seed = {run["seed"]: run for run in runs if run["method"] == against}
+    for run in runs:
+        other = by_seed.get(run["seed"])
+        if run["method"] == against or other is None:
+            continue
+        counts = paired_counts(run["final_episodes"], other["final_episodes"])
+        run["paired"] = {"against": against, **vars(counts), "p_value": counts.p_value}
 
 
 def write_results(results: dict[str, Any], destination: Path) -> list[Path]:
@@ -416,9 +513,67 @@ def results_markdown(results: dict[str, Any]) -> str:
         + f", eval seed {evaluation['seed']}); std is the sample standard deviation over seeds. Compute: "
         f"{compute['train_seconds'] / 3600:.2f} h training, {compute['eval_seconds'] / 3600:.2f} h evaluation.",
     ]
+    lines += paired_markdown(results)
     if (note := partial_note(results)) is not None:
         lines += ["", f"**{note}**"]
     return "\n".join(lines) + "\n"
+
+
+def paired_rows(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any], str, str]]:
+    """(method, seed or "all", pairing, this run's success, the other's) for every paired run, then each
+    method's pairing pooled over its seeds; success as "53% (36-69)" with the 95% Wilson interval."""
+
+    def success(run: dict[str, Any]) -> str:
+        low, high = run["final"]["success_ci95"]
+        return f"{100 * run['final']['success_rate']:.0f}% ({100 * low:.0f}-{100 * high:.0f})"
+
+    runs = results["runs"]
+    rows = []
+    for method, row in results["methods"].items():
+        paired = [run for run in runs if run["method"] == method and "paired" in run]
+        for run in paired:
+            other = next(r for r in runs if r["method"] == run["paired"]["against"] and r["seed"] == run["seed"])
+            rows.append((method, str(run["seed"]), run["paired"], success(run), success(other)))
+        if len(paired) > 1:
+            rows.append((method, "all", row["paired"], "", ""))
+    return rows
+
+
+def paired_table(results: dict[str, Any]) -> Table | None:
+    """The episode-by-episode pairing for the terminal (None when nothing was paired)."""
+    rows = paired_rows(results)
+    if not rows:
+        return None
+    against = rows[0][2]["against"]
+    table = Table(title=f"paired with {escape(against)} on the same held-out episodes (final checkpoints)")
+    for column in ("method", "seed", "success (95%)", escape(against), "both", "only method", f"only {escape(against)}",
+                   "neither", "McNemar p"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for method, seed, pair, mine, theirs in rows:
+        table.add_row(escape(method), seed, mine or "-", theirs or "-", *(str(pair[k]) for k in PAIR_KEYS),
+                      f"{pair['p_value']:.3g}")
+    return table
+
+
+def paired_markdown(results: dict[str, Any]) -> list[str]:
+    """The episode-by-episode table under the results (none when nothing was paired)."""
+    rows = paired_rows(results)
+    if not rows:
+        return []
+    against = rows[0][2]["against"]
+    lines = [
+        "",
+        f"Paired with `{against}` on the same held-out episodes (final checkpoints, same seed; 95% Wilson intervals):",
+        "",
+        f"| method | seed | success | {against} | both won | only method | only {against} | neither | exact McNemar p |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, seed, pair, mine, theirs in rows:
+        lines.append(f"| {method} | {seed} | {mine or '-'} | {theirs or '-'} | {pair['both']} | {pair['only_first']} | "
+                     f"{pair['only_second']} | {pair['neither']} | {pair['p_value']:.3g} |")
+    lines += ["", "The p-value tests whether the episodes the two disagree on split more unevenly than chance; "
+              "pooled rows take the episodes of different seeds as independent."]
+    return lines
 
 
 def curve_bands(results: dict[str, Any], key: str = "success_rate") -> dict[str, dict[str, list[float]]]:

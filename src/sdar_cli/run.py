@@ -163,16 +163,8 @@ def check_resumable(config: RunConfig, saved_config: Path) -> dict[str, tuple[An
             "(e.g. from your config file and --set overrides), or delete it to resume with the config you pass now."
         )
     changes = changed_settings(saved, config.model_dump(mode="json"))
-    # a key the run's sdar version did not know yet is taken at its default (what a newer sdar adds keeps the
-    # earlier behaviour by default); set to anything else, it is a change like any other
-    written = flat_settings(saved)
-    defaults = flat_settings(RunConfig().model_dump(mode="json"))
-    refused = [
-        key for key, (_, new) in changes.items()
-        if not is_safe_change(key) and (key in written or key not in defaults or new != defaults[key])
-    ]
-    if refused:
-        listed = ", ".join(f"{key} ({changes[key][0]!r} -> {changes[key][1]!r})" for key in refused)
+    if refused := refused_changes(saved, changes):
+        listed = describe_changes(refused)
         raise RunDirError(
             f"Cannot resume with changed settings that alter what the checkpoint was trained with: {listed}. Use the "
             f"values in {saved_config}, or train with these settings in a new --output-dir. (Settings a resume may change: "
@@ -180,6 +172,22 @@ def check_resumable(config: RunConfig, saved_config: Path) -> dict[str, tuple[An
             "warmup.*, env.workers, env timeouts.)"
         )
     return changes
+
+
+def refused_changes(saved: dict[str, Any], changes: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
+    """Of `changes` to a run's saved settings, those a resume must refuse: outside resume.SAFE_TO_CHANGE, and
+    not a key the run's sdar version did not know yet left at its default (what a newer sdar adds keeps the
+    earlier behaviour by default; set to anything else, it is a change like any other)."""
+    written = flat_settings(saved)
+    defaults = flat_settings(RunConfig().model_dump(mode="json"))
+    return {
+        key: (old, new) for key, (old, new) in changes.items()
+        if not is_safe_change(key) and (key in written or key not in defaults or new != defaults[key])
+    }
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in changes.items())
 
 
 def _open_run_dir(
