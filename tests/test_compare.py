@@ -387,8 +387,11 @@ def test_a_best_checkpoint_before_the_last_is_evaluated_as_its_own_target(tiny_m
 
 
 def test_a_method_on_some_seeds_only_and_a_kept_run_trained_with_other_settings(tiny_model_dir, tmp_path):
-    """A sweep on one seed beside the main comparison, paired with the named method; a finished run whose
-    settings the spec no longer gives is refused, not reported under the new ones."""
+    """A sweep on one seed beside the main comparison, paired with the named method; a run on disk whose
+    settings the spec no longer gives is refused before anything trains, not reported under the new ones."""
+    from sdar_cli.compare import CompareError, check_existing_run
+    from sdar_cli.config import load_config
+
     overrides = dict(part.split("=", 1) for part in TINY_OVERRIDES)
     overrides.update({"model.name": str(tiny_model_dir), "train.max_steps": "1", "eval.episodes": "2", "eval.batch_size": "2"})
     (tmp_path / "train.yaml").write_text("algorithm:\n  name: sdar\n")
@@ -402,29 +405,65 @@ def test_a_method_on_some_seeds_only_and_a_kept_run_trained_with_other_settings(
         with one_torch_thread():
             return CliRunner().invoke(app, ["compare", str(tmp_path / "spec.yaml"), "-o", str(out), *args])
 
+    def results():
+        return json.loads((out / "results.json").read_text())
+
     nothing = run("--methods", "big_lambda", "--seeds", "0")
     assert nothing.exit_code == 2 and "no run to train: big_lambda trains with seeds [1]" in nothing.output
     assert not out.exists()
-    first = run("--seeds", "0")
-    assert first.exit_code == 0, first.output
-    partial = json.loads((out / "results.json").read_text())
-    assert [(r["method"], r["seed"]) for r in partial["runs"]] == [("grpo", 0)] and not partial["complete"]
-    assert "big_lambda-seed0" not in first.output and not (out / "big_lambda-seed0").exists()
+    # the sweep alone: seed 0 has no run of it (nothing evaluated for it), and grpo is not there to pair with
+    alone = run("--methods", "big_lambda")
+    assert alone.exit_code == 0, alone.output
+    assert "Not paired with grpo: it is not among --methods" in " ".join(alone.output.split())
+    assert "Results so far" not in alone.output and alone.output.count("episodes in") == 1
+    assert [(r["method"], r["seed"], "paired" in r) for r in results()["runs"]] == [("big_lambda", 1, False)]
+    assert results()["methods_done"] == ["big_lambda"] and not results()["complete"]
+    # a seed the spec does not list trains every plain method (not the sweep, which names its seeds)
+    other_seed = run("--seeds", "0,5")
+    assert other_seed.exit_code == 0, other_seed.output
+    assert [(r["method"], r["seed"]) for r in results()["runs"]] == [("grpo", 0), ("grpo", 5)]
+    assert results()["methods_done"] == ["grpo"] and not results()["complete"]
+    assert "big_lambda-seed0" not in other_seed.output and not (out / "big_lambda-seed0").exists()
     done = run()
     assert done.exit_code == 0, done.output
-    results = json.loads((out / "results.json").read_text())
-    assert [(r["method"], r["seed"]) for r in results["runs"]] == [("big_lambda", 1), ("grpo", 0), ("grpo", 1)]
-    assert results["complete"] and results["methods"]["big_lambda"]["seeds"] == 1
+    final = results()
+    assert [(r["method"], r["seed"]) for r in final["runs"]] == [("big_lambda", 1), ("grpo", 0), ("grpo", 1)]
+    assert final["complete"] and final["methods"]["big_lambda"]["seeds"] == 1
     assert "grpo-seed0: already trained (1 steps), kept." in done.output
-    big = results["runs"][0]
+    assert "big_lambda-seed1: already trained (1 steps), kept." in done.output
+    big = final["runs"][0]
     assert big["paired"]["against"] == "grpo" and sum(big["paired"][k] for k in ("both", "only_first", "only_second", "neither")) == 2
-    assert results["methods"]["big_lambda"]["paired"] == {**big["paired"], "seeds": 1}
+    assert final["methods"]["big_lambda"]["paired"] == {key: big["paired"][key] for key in big["paired"] if key != "p_value"} | {"seeds": 1}
     assert yaml.safe_load((out / "big_lambda-seed1" / "config.yaml").read_text())["algorithm"]["sdar_coef"] == 1.0
-    # the spec edited after grpo trained: its finished runs no longer match, and the comparison says so
+    # the spec edited after grpo trained: its runs no longer match, and nothing trains (not even a new method)
+    spec["methods"] = {"new": ["algorithm.name=grpo", "algorithm.kl_coef=0.2"], **spec["methods"]}
     spec["methods"]["grpo"] = ["algorithm.name=grpo", "algorithm.kl_coef=0.5"]
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    changed = run("--methods", "grpo")
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    changed = run()
     assert changed.exit_code == 2 and "Traceback" not in changed.output
     message = " ".join(changed.output.split())
     assert "grpo-seed0 was trained with other settings than the spec gives it now: algorithm.kl_coef (0.01 -> 0.5)" in message
-    assert json.loads((out / "results.json").read_text()) == results  # nothing rewritten
+    assert not (out / "new-seed0").exists() and "training" not in changed.output
+    assert results() == final  # nothing rewritten
+    # a run trained past the spec's train.max_steps (here: its metrics say 2 steps, the spec 1) is not kept either
+    config = load_config(tmp_path / "train.yaml", [*spec["overrides"], "algorithm.name=grpo", "train.seed=1", f"output.dir={out / 'grpo-seed1'}"])
+    check_existing_run(config, out / "grpo-seed1", "grpo-seed1")  # as trained: accepted
+    metrics = out / "grpo-seed1" / "metrics.jsonl"
+    line = json.loads(metrics.read_text().splitlines()[-1])
+    metrics.write_text(metrics.read_text() + json.dumps({**line, "step": 2}) + "\n")
+    with pytest.raises(CompareError, match=r"grpo-seed1 was trained for 2 steps and the spec now asks for train.max_steps=1"):
+        check_existing_run(config, out / "grpo-seed1", "grpo-seed1")
+
+
+def test_a_pairing_counts_each_side_and_skips_runs_without_a_partner():
+    from sdar_cli.compare import pair_runs
+
+    def run(method, seed, wins):
+        return {"method": method, "seed": seed, "final_episodes": [{"task_id": f"t{i}", "won": w} for i, w in enumerate(wins)]}
+
+    runs = [run("grpo", 0, [1, 0, 0, 0, 1, 0]), run("sdar", 0, [1, 1, 1, 1, 0, 0]), run("sdar", 1, [1, 1, 1, 1, 0, 0])]
+    pair_runs(runs, "grpo")
+    assert "paired" not in runs[0] and "paired" not in runs[2]  # grpo itself; no grpo run with seed 1
+    # sdar won 3 that grpo lost and lost 1 that grpo won: 2 x P(X <= 1 | 4 flips) = 10/16
+    assert runs[1]["paired"] == {"against": "grpo", "both": 1, "only_first": 3, "only_second": 1, "neither": 1,
+                                 "p_value": pytest.approx(10 / 16)}

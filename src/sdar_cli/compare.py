@@ -43,7 +43,7 @@ from .config import ConfigError, RunConfig, load_config
 from .evaluate import evaluate_targets
 from .models import ModelLoadError, load_model_config
 from .resume import changed_settings
-from .run import describe_changes, latest_checkpoint, refused_changes, train
+from .run import RunDirError, describe_changes, latest_checkpoint, read_saved_config, refused_changes, train
 from .rundir import CONFIG_FILE, read_metrics
 from .stats import PairedCounts, paired_counts
 from .targets import TargetError, resolve_target
@@ -106,8 +106,14 @@ class CompareSpec(BaseModel):
         return entry.set if isinstance(entry, MethodSpec) else entry
 
     def seeds_of(self, method: str) -> list[int]:
+        """The spec's seeds the method trains with."""
+        return [seed for seed in self.seeds if self.trains_with(method, seed)]
+
+    def trains_with(self, method: str, seed: int) -> bool:
+        """A method trains with any seed asked for (--seeds may name others than the spec's), unless it
+        names its own seeds."""
         entry = self.methods[method]
-        return [seed for seed in self.seeds if seed in entry.seeds] if isinstance(entry, MethodSpec) else self.seeds
+        return seed in entry.seeds if isinstance(entry, MethodSpec) else True
 
     @property
     def pairing_method(self) -> str:
@@ -191,19 +197,26 @@ def best_checkpoint(run_dir: Path, metrics: list[dict[str, Any]]) -> Path | None
     return run_dir / f"checkpoint-{best - 1}"
 
 
-def check_kept_run(config: RunConfig, run_dir: Path, name: str) -> None:
-    """A finished run is kept only if it was trained with what the spec gives it now (a spec edited after the
-    run would otherwise be reported with the old run's results under the new settings)."""
+def check_existing_run(config: RunConfig, run_dir: Path, name: str) -> None:
+    """A run already in the comparison's folder is kept (or resumed) only if it was trained with what the spec
+    gives it now, and not past the spec's train.max_steps: a spec edited after the run would otherwise be
+    reported with the old run's results under the new settings."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None or not (run_dir / CONFIG_FILE).is_file():
+        return  # nothing trained yet: it starts (or starts again) with the spec's settings
     try:
-        saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        saved = None
-    if not isinstance(saved, dict) or not saved:
-        raise CompareError(f"{name}: {run_dir / CONFIG_FILE} is missing or damaged, so what it trained is unknown. "
-                           f"Move {run_dir} away to train it again.")
+        saved = read_saved_config(run_dir / CONFIG_FILE)
+    except RunDirError as err:
+        raise CompareError(f"{name}: {err}") from None
     if refused := refused_changes(saved, changed_settings(saved, config.model_dump(mode="json"))):
         raise CompareError(
             f"{name} was trained with other settings than the spec gives it now: {describe_changes(refused)}. "
+            f"Restore the spec, or move {run_dir} away to train it again."
+        )
+    done = max((r["step"] for r in read_metrics(run_dir)), default=0)
+    if done > config.train.max_steps:
+        raise CompareError(
+            f"{name} was trained for {done} steps and the spec now asks for train.max_steps={config.train.max_steps}. "
             f"Restore the spec, or move {run_dir} away to train it again."
         )
 
@@ -262,27 +275,35 @@ def compare(
     for chosen, what in ((chosen_methods, "methods"), (chosen_seeds, "seeds")):
         if len(set(chosen)) != len(chosen):
             raise CompareError(f"--{what} names one twice: {','.join(map(str, chosen))}; name each once.")
-    if not any(seed in spec.seeds_of(method) for seed in chosen_seeds for method in chosen_methods):
+    chosen_runs = [(seed, method) for seed in chosen_seeds for method in chosen_methods if spec.trains_with(method, seed)]
+    if not chosen_runs:
         raise CompareError(
             "no run to train: " + "; ".join(f"{m} trains with seeds {spec.seeds_of(m)}" for m in chosen_methods)
             + f", not with --seeds {','.join(map(str, chosen_seeds))}."
         )
     check_references(spec, config_path)
+    configs = {}
+    for seed, method in chosen_runs:  # every run already on disk is checked before anything trains
+        run_dir = output_dir / run_name(method, seed)
+        overrides = [*spec.overrides, *spec.overrides_of(method), f"train.seed={seed}", f"output.dir={run_dir}"]
+        configs[seed, method] = load_config(config_path, overrides)
+        check_existing_run(configs[seed, method], run_dir, run_name(method, seed))
+    if spec.pairing_method not in chosen_methods:
+        console.print(f"Not paired with {spec.pairing_method}: it is not among --methods. Add it to pair the runs "
+                      "episode by episode; its finished runs are kept, not trained again.",
+                      highlight=False, soft_wrap=True)
 
     runs: list[dict[str, Any]] = []
     played: set[str] = set()  # targets evaluated (or, with reevaluate, played again) by this command
     results: dict[str, Any] = {}
+    seeds_with_runs = list(dict.fromkeys(seed for seed, _ in chosen_runs))
     # seed by seed, every method once per seed: a comparison stopped part-way has the same seeds for all methods
-    for seed in chosen_seeds:
-        for method in chosen_methods:
-            if seed not in spec.seeds_of(method):
-                continue
+    for seed in seeds_with_runs:
+        for method in [m for s, m in chosen_runs if s == seed]:
             run_dir = output_dir / run_name(method, seed)
-            overrides = [*spec.overrides, *spec.overrides_of(method), f"train.seed={seed}", f"output.dir={run_dir}"]
-            config = load_config(config_path, overrides)
+            config = configs[seed, method]
             done_steps = [r["step"] for r in read_metrics(run_dir)]  # a torn last line: resumed and repaired below
             if done_steps and max(done_steps) >= config.train.max_steps and latest_checkpoint(run_dir):
-                check_kept_run(config, run_dir, run_name(method, seed))
                 console.print(f"{run_name(method, seed)}: already trained ({max(done_steps)} steps), kept.")
             else:
                 console.print(f"[bold]{run_name(method, seed)}[/bold]: training {config.train.max_steps} steps.")
@@ -301,7 +322,7 @@ def compare(
             )
         results = _evaluate(spec, spec_path, config_path, output_dir, runs, chosen_methods, chosen_seeds, console,
                             reevaluate, played)
-        if on_seed_done is not None and seed != chosen_seeds[-1]:
+        if on_seed_done is not None and seed != seeds_with_runs[-1]:
             on_seed_done(results)
     return results
 
@@ -373,10 +394,10 @@ def _evaluate(
             summary[method].update(best_mean=best_mean, best_std=best_std, best_per_seed=best_rates)
         pairs = [PairedCounts(**{k: run["paired"][k] for k in PAIR_KEYS}) for run in runs
                  if run["method"] == method and "paired" in run]
-        if pairs:  # over the seeds paired: episodes of different seeds taken as independent
+        if pairs:  # counts summed over the seeds; no pooled p-value: every seed plays the same tasks, so the
+            # pooled episodes are not independent, and seeds are too few to test over
             pooled = sum(pairs[1:], pairs[0])
-            summary[method]["paired"] = {"against": spec.pairing_method, "seeds": len(pairs), **vars(pooled),
-                                         "p_value": pooled.p_value}
+            summary[method]["paired"] = {"against": spec.pairing_method, "seeds": len(pairs), **vars(pooled)}
     trained_seeds = {run["seed"] for run in runs}
     seeds_done = [seed for seed in dict.fromkeys([*spec.seeds, *chosen_seeds]) if seed in trained_seeds]
     trained = {(run["method"], run["seed"]) for run in runs}
@@ -387,7 +408,7 @@ def _evaluate(
         # complete: every method and seed of the spec (a narrower --seeds or --methods gives partial results)
         "seeds": spec.seeds,
         "seeds_done": seeds_done,
-        "methods_done": chosen_methods,
+        "methods_done": [method for method in chosen_methods if method in summary],
         "complete": trained >= planned,
         "evaluation": report["settings"],
         "baseline": {"model": base_model, **by_target[base_model]["overall"]} if spec.baseline else None,
@@ -521,7 +542,7 @@ def results_markdown(results: dict[str, Any]) -> str:
 
 def paired_rows(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any], str, str]]:
     """(method, seed or "all", pairing, this run's success, the other's) for every paired run, then each
-    method's pairing pooled over its seeds; success as "53% (36-69)" with the 95% Wilson interval."""
+    method's counts summed over its seeds; success as "53% (36-69)" with the 95% Wilson interval."""
 
     def success(run: dict[str, Any]) -> str:
         low, high = run["final"]["success_ci95"]
@@ -539,6 +560,11 @@ def paired_rows(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any],
     return rows
 
 
+def p_value(pair: dict[str, Any]) -> str:
+    """A pairing's McNemar p-value for a table ("-" for counts summed over seeds, which have none)."""
+    return f"{pair['p_value']:.3g}" if "p_value" in pair else "-"
+
+
 def paired_table(results: dict[str, Any]) -> Table | None:
     """The episode-by-episode pairing for the terminal (None when nothing was paired)."""
     rows = paired_rows(results)
@@ -551,7 +577,7 @@ def paired_table(results: dict[str, Any]) -> Table | None:
         table.add_column(column, justify="left" if column == "method" else "right")
     for method, seed, pair, mine, theirs in rows:
         table.add_row(escape(method), seed, mine or "-", theirs or "-", *(str(pair[k]) for k in PAIR_KEYS),
-                      f"{pair['p_value']:.3g}")
+                      p_value(pair))
     return table
 
 
@@ -570,9 +596,10 @@ def paired_markdown(results: dict[str, Any]) -> list[str]:
     ]
     for method, seed, pair, mine, theirs in rows:
         lines.append(f"| {method} | {seed} | {mine or '-'} | {theirs or '-'} | {pair['both']} | {pair['only_first']} | "
-                     f"{pair['only_second']} | {pair['neither']} | {pair['p_value']:.3g} |")
-    lines += ["", "The p-value tests whether the episodes the two disagree on split more unevenly than chance; "
-              "pooled rows take the episodes of different seeds as independent."]
+                     f"{pair['only_second']} | {pair['neither']} | {p_value(pair)} |")
+    lines += ["", "Per seed, the p-value tests whether the episodes the two checkpoints disagree on split more unevenly "
+              "than chance would: it compares two checkpoints, not two methods (that takes the spread over seeds). "
+              "The `all` rows sum the counts over seeds, with no p-value: every seed plays the same tasks."]
     return lines
 
 

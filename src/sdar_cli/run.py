@@ -153,15 +153,7 @@ def check_resumable(config: RunConfig, saved_config: Path) -> dict[str, tuple[An
     already trained mean (the model, the algorithm, the rollout, the environment's tasks)."""
     if not saved_config.is_file():
         return {}
-    try:
-        saved = yaml.safe_load(saved_config.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        saved = None
-    if not isinstance(saved, dict) or not saved:
-        raise RunDirError(
-            f"{saved_config} is empty or damaged, so the settings this run was trained with are unknown. Restore it "
-            "(e.g. from your config file and --set overrides), or delete it to resume with the config you pass now."
-        )
+    saved = read_saved_config(saved_config)
     changes = changed_settings(saved, config.model_dump(mode="json"))
     if refused := refused_changes(saved, changes):
         listed = describe_changes(refused)
@@ -172,6 +164,20 @@ def check_resumable(config: RunConfig, saved_config: Path) -> dict[str, tuple[An
             "warmup.*, env.workers, env timeouts.)"
         )
     return changes
+
+
+def read_saved_config(saved_config: Path) -> dict[str, Any]:
+    """A run's config.yaml as written; RunDirError when it is empty or damaged."""
+    try:
+        saved = yaml.safe_load(saved_config.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, dict) or not saved:
+        raise RunDirError(
+            f"{saved_config} is empty or damaged, so the settings this run was trained with are unknown. Restore it "
+            "(e.g. from your config file and --set overrides), or delete it to resume with the config you pass now."
+        )
+    return saved
 
 
 def refused_changes(saved: dict[str, Any], changes: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
