@@ -151,6 +151,20 @@ def test_forget_steps_after_drops_unsaved_steps(tmp_path):
     assert sorted(p.name for p in (tmp_path / "gates").iterdir()) == ["step-1.jsonl", "step-2.jsonl"]
 
 
+def test_ctrl_c_while_the_model_loads_exits_130_with_a_message(config_file, tiny_model_dir, tmp_path, monkeypatch):
+    import sdar_cli.run as run_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "load_base_model", interrupted)
+    result = CliRunner().invoke(app, ["train", str(config_file), "--output-dir", str(tmp_path / "run"),
+                                      "--set", f"model.name={tiny_model_dir}"])
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert "Interrupted while starting (loading the model and environment): nothing was trained." in " ".join(result.output.split())
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
 def test_interrupt_checkpoints_and_resume_continues_without_gaps_or_repeats(tiny_model_dir, config_file, tmp_path):
     run_dir = tmp_path / "interrupted"
     command = [sys.executable, "-m", "sdar_cli", "train", str(config_file), "--output-dir", str(run_dir),

@@ -140,7 +140,12 @@ def train(
             raise typer.Exit(0)
         if probe:
             raise ConfigError("--probe-teacher goes with --dry-run (or run `sdar probe-teacher CONFIG`).")
-        outcome = run_training(run_config, Path(run_config.output.dir), resume=resume, console=console)
+        try:
+            outcome = run_training(run_config, Path(run_config.output.dir), resume=resume, console=console)
+        except KeyboardInterrupt:  # before the first step (from then on, training's own handler stops it)
+            err_console.print("[yellow]Interrupted while starting (loading the model and environment): nothing was "
+                              "trained.[/yellow]", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
     style = "green" if outcome.exit_code == 0 else ("yellow" if outcome.exit_code == 130 else "red")
     (console if outcome.exit_code == 0 else err_console).print(f"[{style}]{escape(outcome.message)}[/{style}]", highlight=False, soft_wrap=True)
     raise typer.Exit(outcome.exit_code)
