@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import build_trainer, student_logps, task_inputs, tiny_config
@@ -224,3 +226,27 @@ def test_checkpoints_and_stops_fall_between_rollout_batches():
         watcher.on_step_end(None, SimpleNamespace(global_step=step), control)
         decisions.append((control.should_save, control.should_training_stop))
     assert decisions == [(False, False), (True, True)]
+
+
+def test_tokens_per_second_counts_the_whole_rollout_batch_once(tmp_path):
+    """With several updates per rollout batch, every update logs the batch's tokens: the rate divides them by
+    the batch's time so far (its rollout and updates), not by one later update's time."""
+    from types import SimpleNamespace
+
+    from sdar_cli.run import MetricsWriter
+
+    writer = MetricsWriter(tmp_path / "metrics.jsonl")
+    lines = [  # (step seconds, generation seconds or None, prompt + response tokens)
+        (10.0, 6.0, 1000.0),  # update 1 of batch 1: it played the rollout
+        (5.0, None, 1000.0),  # update 2 of batch 1: the same batch's tokens again
+        (20.0, 8.0, 1200.0),  # update 1 of batch 2
+    ]
+    for step, (seconds, generation, tokens) in enumerate(lines, start=1):
+        writer._step_seconds = seconds
+        logs = {"reward_mean": 0.0, "prompt_tokens": tokens - 100.0, "response_tokens": 100.0}
+        if generation is not None:
+            logs["generation_seconds"] = generation
+        writer.on_log(None, SimpleNamespace(global_step=step), None, logs=logs)
+    written = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens_per_second"] for r in written] == [pytest.approx(100.0), pytest.approx(1000 / 15), pytest.approx(60.0)]
+    assert [r["step_seconds"] for r in written] == [10.0, 5.0, 20.0]

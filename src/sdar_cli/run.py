@@ -487,6 +487,7 @@ class MetricsWriter(TrainerCallback):
         self.on_record = on_record
         self._step_started = time.perf_counter()
         self._step_seconds = 0.0
+        self._batch_seconds = 0.0  # the rollout batch's time so far: its rollout and the updates made on it
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_started = time.perf_counter()
@@ -501,9 +502,14 @@ class MetricsWriter(TrainerCallback):
         record.update({key: _json_number(value) for key, value in logs.items() if isinstance(value, (int, float))})
         record["step"] = state.global_step
         record["step_seconds"] = self._step_seconds
-        # throughput of the step: every prompt and response token of its turn-samples, per second
+        # throughput of the rollout batch so far: every prompt and response token of its turn-samples, per second
+        # of its rollout and the updates made on it up to this one (the update that played the rollout logs
+        # generation_seconds; later updates on the same batch log the batch's tokens again, so the time adds up)
+        if logs.get("generation_seconds") is not None:
+            self._batch_seconds = 0.0
+        self._batch_seconds += self._step_seconds
         tokens = (logs.get("prompt_tokens") or 0.0) + (logs.get("response_tokens") or 0.0)
-        record["tokens_per_second"] = tokens / self._step_seconds if self._step_seconds > 0 else None
+        record["tokens_per_second"] = tokens / self._batch_seconds if self._batch_seconds > 0 else None
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.on_record:
