@@ -467,3 +467,53 @@ def test_a_pairing_counts_each_side_and_skips_runs_without_a_partner():
     # sdar won 3 that grpo lost and lost 1 that grpo won: 2 x P(X <= 1 | 4 flips) = 10/16
     assert runs[1]["paired"] == {"against": "grpo", "both": 1, "only_first": 3, "only_second": 1, "neither": 1,
                                  "p_value": pytest.approx(10 / 16)}
+
+
+def test_no_train_reports_the_finished_runs_and_trains_nothing(tiny_model_dir, tmp_path):
+    """The same spec with and without --no-train: with it, only the finished run is evaluated and the
+    missing or part-trained ones are named and left alone; without it, they train."""
+    overrides = dict(part.split("=", 1) for part in TINY_OVERRIDES)
+    overrides.update({"model.name": str(tiny_model_dir), "train.max_steps": "2", "train.save_steps": "1",
+                      "eval.episodes": "2", "eval.batch_size": "2"})
+    (tmp_path / "train.yaml").write_text("algorithm:\n  name: sdar\n")
+    spec = {"config": "train.yaml", "seeds": [0, 1], "baseline": False,
+            "methods": {"grpo": ["algorithm.name=grpo"], "sdar": ["algorithm.name=sdar"]},
+            "overrides": [f"{key}={value}" for key, value in overrides.items()]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+
+    def run(*args):
+        with one_torch_thread():
+            return CliRunner().invoke(app, ["compare", str(tmp_path / "spec.yaml"), "-o", str(out), *args])
+
+    nothing = run("--no-train")
+    assert nothing.exit_code == 2 and "Traceback" not in nothing.output
+    assert "--no-train: no finished run to report" in " ".join(nothing.output.split())
+    assert not (out / "results.json").exists() and not (out / "grpo-seed0").exists()
+    assert run("--seeds", "0", "--methods", "grpo").exit_code == 0
+    # sdar-seed0 stopped after its first step: a checkpoint on disk, but not the spec's 2 steps
+    from sdar_cli.config import load_config
+    from sdar_cli.run import train
+
+    config = load_config(tmp_path / "train.yaml", [*spec["overrides"], "algorithm.name=sdar", "train.seed=0",
+                                                   "train.max_steps=1", f"output.dir={out / 'sdar-seed0'}"])
+    with one_torch_thread():
+        assert train(config, out / "sdar-seed0").exit_code == 0
+    report = run("--no-train")
+    assert report.exit_code == 0, report.output
+    said = " ".join(report.output.split())
+    assert "sdar-seed0: not finished (1 of 2 steps), left out (--no-train)." in said
+    assert "grpo-seed1: not finished (0 of 2 steps), left out (--no-train)." in said
+    assert "sdar-seed1: not finished (0 of 2 steps)" in said and "training" not in report.output
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [("grpo", 0)]
+    assert results["methods_done"] == ["grpo"] and results["seeds_done"] == [0] and not results["complete"]
+    assert not (out / "grpo-seed1").exists() and not (out / "sdar-seed1").exists()
+    assert max(r["step"] for r in read_metrics(out / "sdar-seed0")) == 1
+    # the same command without --no-train trains what is missing (and resumes sdar-seed0 at its step 1)
+    full = run()
+    assert full.exit_code == 0, full.output
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [("grpo", 0), ("grpo", 1), ("sdar", 0), ("sdar", 1)]
+    assert results["complete"] and "Resuming from" in full.output
+    assert max(r["step"] for r in read_metrics(out / "sdar-seed0")) == 2

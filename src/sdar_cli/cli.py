@@ -455,6 +455,9 @@ def compare_methods(
     reevaluate: Annotated[
         bool, typer.Option("--reevaluate", help="Play every evaluation again (each target once per command) instead of reusing OUTPUT/eval-cache.")
     ] = False,
+    no_train: Annotated[
+        bool, typer.Option("--no-train", help="Train nothing: evaluate and report the runs that finished, name the others.")
+    ] = False,
 ) -> None:
     """Train each method with each seed on the same tasks and budget, then evaluate them all.
 
@@ -466,6 +469,7 @@ def compare_methods(
     training curve; per method: mean and standard deviation over seeds, teacher statistics; each run paired
     episode by episode with the same seed's run of the spec's `paired_against`, the first method by default),
     OUTPUT/results.md (the tables in markdown) and OUTPUT/success.png (training and held-out success).
+    With --no-train, the results cover the runs that finished so far (a comparison spread over sessions).
     """
     _single_process("compare")
     _quiet_libraries()
@@ -502,7 +506,7 @@ def compare_methods(
                           highlight=False, soft_wrap=True)
 
         results = compare(spec, destination, chosen_seeds, chosen_methods, console, reevaluate=reevaluate,
-                          on_seed_done=so_far)
+                          on_seed_done=so_far, train_missing=not no_train)
     show(results)
     with _user_errors(OSError, describe=lambda err: f"could not write the results to {destination}: {err}. Free space "
                       "or fix permissions there, then re-run the same command (nothing is trained again)."):

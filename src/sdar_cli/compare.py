@@ -247,6 +247,12 @@ def mean_and_std(values: list[float]) -> tuple[float, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def finished(run_dir: Path, config: RunConfig) -> bool:
+    """Has the run in `run_dir` trained all of config's train.max_steps, with a checkpoint to evaluate?"""
+    done_steps = [r["step"] for r in read_metrics(run_dir)]  # a torn last line: resumed and repaired by train
+    return bool(done_steps) and max(done_steps) >= config.train.max_steps and latest_checkpoint(run_dir) is not None
+
+
 def compare(
     spec_path: Path,
     output_dir: Path | None = None,
@@ -255,8 +261,12 @@ def compare(
     console: Console | None = None,
     reevaluate: bool = False,
     on_seed_done: Callable[[dict[str, Any]], None] | None = None,
+    train_missing: bool = True,
 ) -> dict[str, Any]:
     """Train what is missing, evaluate everything on the same tasks, return the results (JSON-ready).
+
+    With `train_missing=False` nothing trains: the runs that finished are evaluated and reported, the
+    others are named and left out (a report part-way through a comparison that spans several sessions).
 
     Seed by seed: every method trains with the seed, then the runs finished so far are evaluated and, when
     more seeds follow, `on_seed_done` receives the results so far (a comparison stopped part-way has
@@ -288,6 +298,17 @@ def compare(
         overrides = [*spec.overrides, *spec.overrides_of(method), f"train.seed={seed}", f"output.dir={run_dir}"]
         configs[seed, method] = load_config(config_path, overrides)
         check_existing_run(configs[seed, method], run_dir, run_name(method, seed))
+    if not train_missing:
+        unfinished = [(seed, method) for seed, method in chosen_runs
+                      if not finished(output_dir / run_name(method, seed), configs[seed, method])]
+        for seed, method in unfinished:
+            steps = [r["step"] for r in read_metrics(output_dir / run_name(method, seed))]
+            console.print(f"{run_name(method, seed)}: not finished ({max(steps, default=0)} of "
+                          f"{configs[seed, method].train.max_steps} steps), left out (--no-train).", highlight=False)
+        chosen_runs = [run for run in chosen_runs if run not in unfinished]
+        if not chosen_runs:
+            raise CompareError(f"--no-train: no finished run to report in {output_dir}. Run the same command "
+                               "without --no-train to train them.")
     if spec.pairing_method not in chosen_methods:
         console.print(f"Not paired with {spec.pairing_method}: it is not among --methods. Add it to pair the runs "
                       "episode by episode; its finished runs are kept, not trained again.",
@@ -302,9 +323,9 @@ def compare(
         for method in [m for s, m in chosen_runs if s == seed]:
             run_dir = output_dir / run_name(method, seed)
             config = configs[seed, method]
-            done_steps = [r["step"] for r in read_metrics(run_dir)]  # a torn last line: resumed and repaired below
-            if done_steps and max(done_steps) >= config.train.max_steps and latest_checkpoint(run_dir):
-                console.print(f"{run_name(method, seed)}: already trained ({max(done_steps)} steps), kept.")
+            if finished(run_dir, config):
+                done_steps = max(r["step"] for r in read_metrics(run_dir))
+                console.print(f"{run_name(method, seed)}: already trained ({done_steps} steps), kept.")
             else:
                 console.print(f"[bold]{run_name(method, seed)}[/bold]: training {config.train.max_steps} steps.")
                 outcome = train(config, run_dir, resume=(run_dir / CONFIG_FILE).is_file(), console=console)
