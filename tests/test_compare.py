@@ -517,3 +517,57 @@ def test_no_train_reports_the_finished_runs_and_trains_nothing(tiny_model_dir, t
     assert [(r["method"], r["seed"]) for r in results["runs"]] == [("grpo", 0), ("grpo", 1), ("sdar", 0), ("sdar", 1)]
     assert results["complete"] and "Resuming from" in full.output
     assert max(r["step"] for r in read_metrics(out / "sdar-seed0")) == 2
+
+
+def _two_method_spec(tmp_path, tiny_model_dir, **extra):
+    overrides = dict(part.split("=", 1) for part in TINY_OVERRIDES)
+    overrides.update({"model.name": str(tiny_model_dir), "eval.episodes": "2", "eval.batch_size": "2", **extra})
+    (tmp_path / "train.yaml").write_text("algorithm:\n  name: sdar\n")
+    spec = {"config": "train.yaml", "seeds": [0], "baseline": False,
+            "methods": {"grpo": ["algorithm.name=grpo"], "sdar": ["algorithm.name=sdar"]},
+            "overrides": [f"{key}={value}" for key, value in overrides.items()]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return tmp_path / "spec.yaml"
+
+
+def test_ctrl_c_during_a_run_exits_130_and_says_how_to_resume(tiny_model_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    spec = _two_method_spec(tmp_path, tiny_model_dir, **{"train.max_steps": "4", "train.save_steps": "10"})
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "sdar_cli", "compare", str(spec), "-o", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).parent), "COLUMNS": "200"})
+    metrics = out / "grpo-seed0" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().strip()):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 130, output
+    done = len(metrics.read_text().splitlines())
+    said = " ".join(output.split())
+    assert "Traceback" not in output and "did not finish" not in said
+    assert (f"grpo-seed0 interrupted at step {done} of 4 (last checkpoint: checkpoint-{done}). Re-run the same sdar "
+            "compare command to resume it") in said
+    assert not (out / "sdar-seed0").exists() and not (out / "results.json").exists()
+
+
+def test_ctrl_c_while_evaluating_exits_130_and_keeps_the_trained_runs(tiny_model_dir, tmp_path, monkeypatch):
+    import sdar_cli.compare as compare_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare_module, "evaluate_targets", interrupted)
+    spec = _two_method_spec(tmp_path, tiny_model_dir, **{"train.max_steps": "1"})
+    with one_torch_thread():
+        result = CliRunner().invoke(app, ["compare", str(spec), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert "Interrupted. Finished runs and evaluations are kept" in " ".join(result.output.split())
+    assert [max(r["step"] for r in read_metrics(tmp_path / "out" / f"{m}-seed0")) for m in ("grpo", "sdar")] == [1, 1]

@@ -473,7 +473,7 @@ def compare_methods(
     """
     _single_process("compare")
     _quiet_libraries()
-    from .compare import CompareError, compare, load_spec, paired_table, results_table, write_results
+    from .compare import CompareError, CompareInterrupted, compare, load_spec, paired_table, results_table, write_results
     from .config import ConfigError
     from .envs import EnvironmentConfigError
     from .evaluate import EvalError
@@ -505,8 +505,16 @@ def compare_methods(
             console.print(f"Results so far (seeds {done}) written to {', '.join(map(str, paths))}",
                           highlight=False, soft_wrap=True)
 
-        results = compare(spec, destination, chosen_seeds, chosen_methods, console, reevaluate=reevaluate,
-                          on_seed_done=so_far, train_missing=not no_train)
+        try:
+            results = compare(spec, destination, chosen_seeds, chosen_methods, console, reevaluate=reevaluate,
+                              on_seed_done=so_far, train_missing=not no_train)
+        except CompareInterrupted as err:
+            console.print(f"[yellow]{escape(str(err))}[/yellow]", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
+        except KeyboardInterrupt:  # outside training (loading, evaluating): the finished work is on disk
+            console.print("[yellow]Interrupted. Finished runs and evaluations are kept; re-run the same sdar compare "
+                          "command to continue.[/yellow]", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
     show(results)
     with _user_errors(OSError, describe=lambda err: f"could not write the results to {destination}: {err}. Free space "
                       "or fix permissions there, then re-run the same command (nothing is trained again)."):

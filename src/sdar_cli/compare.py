@@ -65,6 +65,10 @@ class CompareError(ValueError):
     """The comparison cannot go on; the message says why."""
 
 
+class CompareInterrupted(Exception):
+    """A run was stopped by Ctrl-C or SIGTERM (checkpointed); re-running the comparison resumes it."""
+
+
 class MethodSpec(BaseModel):
     """A method that trains with some of the spec's seeds only."""
 
@@ -329,6 +333,13 @@ def compare(
             else:
                 console.print(f"[bold]{run_name(method, seed)}[/bold]: training {config.train.max_steps} steps.")
                 outcome = train(config, run_dir, resume=(run_dir / CONFIG_FILE).is_file(), console=console)
+                if outcome.exit_code == 130:
+                    last = latest_checkpoint(run_dir)
+                    raise CompareInterrupted(
+                        f"{run_name(method, seed)} interrupted at step {outcome.last_step} of {config.train.max_steps} "
+                        f"({f'last checkpoint: {last.name}' if last else 'no checkpoint yet'}). Re-run the same sdar "
+                        "compare command to resume it; finished runs and evaluations are kept."
+                    )
                 if outcome.exit_code != 0:
                     raise CompareError(f"{run_name(method, seed)} did not finish: {outcome.message}")
             metrics = read_metrics(run_dir, strict=True)
