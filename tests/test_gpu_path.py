@@ -188,3 +188,59 @@ def test_dry_run_says_which_knob_brings_a_7b_run_under_the_visible_gpu(tmp_path,
     assert "To fit, set train.micro_batches=16 (estimated peak 59.12 GiB, 51.54 GiB less)." in warning
     # gradient checkpointing and the 4-bit base are already on: not suggested again
     assert warning.endswith("Otherwise shorten rollout.max_prompt_tokens.")
+
+
+def test_dry_run_counts_vllms_share_of_the_gpu_while_generating(tmp_path, monkeypatch):
+    """The same 7B run with rollout.engine hf and vllm on an 80 GiB GPU: with vLLM the generation phase holds
+    gpu_memory_utilization of the GPU instead of the training model's KV cache, the other phases are the
+    same, and a share that leaves no room beside the training model is refused with the share that fits."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    import sdar_cli.run as run_module
+    from sdar_cli.models import load_model_config
+    from sdar_cli.perf.memory import ModelShape, estimate_peak_memory, setup_for_run, workload_for_run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "an 80 GiB GPU")
+    hf = _seven_b_dry_run_config(tmp_path)
+    hf.train.micro_batches = 16  # fits with hf (the test above)
+    vllm = hf.model_copy(deep=True)
+    vllm.rollout.engine = "vllm"
+    shape = ModelShape.from_config(load_model_config(hf.model))
+    workload = workload_for_run(hf, 15)
+    estimates = {name: estimate_peak_memory(shape, workload, setup_for_run(config, "cuda", 2, gpu_bytes=80 * 2**30))
+                 for name, config in (("hf", hf), ("vllm", vllm))}
+    resident = estimates["hf"].components["weights"] + estimates["hf"].components["lora_and_adamw"]
+    assert estimates["vllm"].components["vllm_engine"] == round(0.3 * 80 * 2**30)
+    assert "kv_cache" not in estimates["vllm"].components and estimates["hf"].components["kv_cache"] > 0
+    assert estimates["vllm"].phases["generation"] == resident + round(0.3 * 80 * 2**30)
+    assert estimates["vllm"].phases["generation"] != estimates["hf"].phases["generation"]
+    for phase in ("passes", "update"):
+        assert estimates["vllm"].phases[phase] == estimates["hf"].phases[phase]
+
+    def dry_run(config):
+        console = Console(record=True, width=200)
+        return run_module.dry_run(config, console), console.export_text()
+
+    warnings, text = dry_run(vllm)
+    assert warnings == [] and "vLLM takes rollout.vllm.gpu_memory_utilization=0.3 of the GPU" in text
+    assert "Fits the visible GPU" in text
+    vllm.rollout.vllm.gpu_memory_utilization = 0.9
+    [warning], text = dry_run(vllm)
+    room = int((0.9 * 80 * 2**30 - resident) / (80 * 2**30) * 100) / 100
+    assert 0.3 < room < 0.9
+    assert warning.startswith("while generating, vLLM's share (0.9 of the GPU: 72.00 GiB) beside the training model's "
+                              f"{resident / 2**30:.2f} GiB will not fit the visible GPU (an 80 GiB GPU, 80.00 GiB).")
+    assert f"To fit, set rollout.vllm.gpu_memory_utilization={room:.2f} or lower" in warning
+    assert "Fits the visible GPU" not in text
+    vllm.rollout.vllm.gpu_memory_utilization = room
+    assert dry_run(vllm)[0] == []
+    # without a visible GPU the share is named, not guessed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    warnings, text = dry_run(vllm)
+    assert "Not in this estimate: vLLM's own memory" in text
+    _, hf_text = dry_run(hf)
+    assert "vLLM" not in hf_text

@@ -18,7 +18,7 @@ import os
 import re
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -373,7 +373,14 @@ def dry_run(config: RunConfig, console: Console | None = None) -> list[str]:
     directory; return the warnings (it will not fit the visible GPU or this machine's memory)."""
     from rich.table import Table
 
-    from .perf.memory import ModelShape, advice_to_fit, estimate_peak_memory, setup_for_run, workload_for_run
+    from .perf.memory import (
+        ModelShape,
+        advice_to_fit,
+        estimate_peak_memory,
+        setup_for_run,
+        weight_bytes,
+        workload_for_run,
+    )
 
     console = console or Console()
     model_config = load_model_config(config.model)
@@ -392,7 +399,15 @@ def dry_run(config: RunConfig, console: Console | None = None) -> list[str]:
         workload = workload_for_run(config, max_turns, privileged_tokens=measured)
         privileged_note = (f"{measured} privileged tokens (the longest first-turn prefix of {PRIVILEGED_SAMPLE_TASKS} "
                            "train tasks; later turns can differ)")
-    setup = setup_for_run(config, device, torch.finfo(dtype).bits // 8)
+    if device == "cuda" and cuda_visible:
+        capacity = torch.cuda.get_device_properties(0).total_memory
+        where = f"the visible GPU ({torch.cuda.get_device_name(0)}, {_gib(capacity)} GiB)"
+    elif device == "cuda":
+        capacity, where = None, None
+    else:
+        capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        where = f"this machine's memory ({_gib(capacity)} GiB)"
+    setup = setup_for_run(config, device, torch.finfo(dtype).bits // 8, gpu_bytes=capacity if device == "cuda" else None)
     shape = ModelShape.from_config(model_config)
     estimate = estimate_peak_memory(shape, workload, setup)
 
@@ -427,23 +442,49 @@ def dry_run(config: RunConfig, console: Console | None = None) -> list[str]:
             soft_wrap=True,
         )
 
+    if config.rollout.engine == "vllm" and setup.engine_bytes is not None:
+        console.print(
+            f"Generation: vLLM takes rollout.vllm.gpu_memory_utilization={config.rollout.vllm.gpu_memory_utilization} "
+            "of the GPU (its weights and KV cache) and sleeps during the other phases.",
+            highlight=False,
+            soft_wrap=True,
+        )
+    elif config.rollout.engine == "vllm":
+        console.print(
+            "Not in this estimate: vLLM's own memory (its copy of the weights and its KV cache: "
+            + ("rollout.vllm.gpu_memory_utilization of the GPU, which is not visible here)."
+               if device == "cuda" else "VLLM_CPU_KVCACHE_SPACE on a CPU)."),
+            highlight=False,
+            soft_wrap=True,
+        )
+
     warnings = []
     if setup.load_in_4bit and device != "cuda":
         warnings.append("model.load_in_4bit needs a CUDA GPU; the run would stop with an error on this machine.")
-    if device == "cuda" and cuda_visible:
-        capacity = torch.cuda.get_device_properties(0).total_memory
-        where = f"the visible GPU ({torch.cuda.get_device_name(0)}, {_gib(capacity)} GiB)"
-    elif device == "cuda":
-        capacity, where = None, None
+    if device == "cuda" and not cuda_visible:
         warnings.append("train.device is cuda but no CUDA GPU is visible here: the fit could not be checked.")
-    else:
-        capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        where = f"this machine's memory ({_gib(capacity)} GiB)"
     if capacity is not None:
         # the CUDA context, the allocator's fragmentation and other processes need room as well
-        if estimate.peak > FIT_FRACTION * capacity:
+        budget = FIT_FRACTION * capacity
+        rest, rest_setup = estimate, setup
+        if setup.engine_bytes is not None:
+            # vLLM's share is fixed by one setting: checked on its own, the other phases without it
+            resident = estimate.components["weights"] + estimate.components["lora_and_adamw"]
+            if estimate.phases["generation"] > budget:
+                room = math.floor((budget - resident) / capacity * 100) / 100
+                warnings.append(
+                    f"while generating, vLLM's share ({config.rollout.vllm.gpu_memory_utilization} of the GPU: "
+                    f"{_gib(setup.engine_bytes)} GiB) beside the training model's {_gib(resident)} GiB will not fit "
+                    f"{where}. "
+                    + (f"To fit, set rollout.vllm.gpu_memory_utilization={room:.2f} or lower (vLLM needs its weights, "
+                       f"{_gib(weight_bytes(shape, setup.dtype_bytes, setup.load_in_4bit))} GiB, and a KV cache "
+                       "within it)." if room > 0 else "Load the model in 4-bit or use rollout.engine: hf.")
+                )
+            rest_setup = replace(setup, engine_bytes=0)
+            rest = estimate_peak_memory(shape, workload, rest_setup)
+        if rest.peak > budget:
             episodes = config.rollout.tasks_per_step * config.rollout.group_size
-            advice = advice_to_fit(shape, workload, setup, FIT_FRACTION * capacity, episodes)
+            advice = advice_to_fit(shape, workload, rest_setup, budget, episodes)
             others = [
                 *([] if advice else ["raise train.micro_batches"]),
                 *([] if setup.gradient_checkpointing else ["turn on train.gradient_checkpointing"]),
@@ -451,12 +492,12 @@ def dry_run(config: RunConfig, console: Console | None = None) -> list[str]:
                 *([] if setup.load_in_4bit else ["load the model in 4-bit"]),
             ]
             warnings.append(
-                f"the estimated peak {_gib(estimate.peak)} GiB will not fit {where}. "
-                + (_fit_advice_text(advice, estimate.peak) + " Otherwise " if advice else "To fit, ")
+                f"the estimated peak {_gib(rest.peak)} GiB will not fit {where}. "
+                + (_fit_advice_text(advice, rest.peak) + " Otherwise " if advice else "To fit, ")
                 + (", ".join(others[:-1]) + " or " + others[-1] if len(others) > 1 else others[0])
                 + "."
             )
-        else:
+        if estimate.peak <= budget:
             console.print(f"Fits {where} with {_gib(capacity - estimate.peak)} GiB to spare.", highlight=False)
     return warnings
 

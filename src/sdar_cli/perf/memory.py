@@ -3,6 +3,7 @@
 A step goes through three phases on one set of weights, and its peak is the largest of them:
 
     generation   resident + KV cache + one prefill layer's transients
+                 (rollout.engine: vllm on a GPU: resident + vLLM's gpu_memory_utilization share instead)
     passes       resident + one no-grad forward chunk (reference, then teacher: the longer prompt)
     update       resident + LoRA gradients + a micro-batch's saved activations
                  + the larger of the log-prob head's backward and one layer's backward
@@ -112,6 +113,10 @@ class Setup:
     lora_r: int
     lora_modules: tuple[str, ...]
     gradient_checkpointing: bool
+    # rollout.engine: vllm on a GPU: what vLLM takes while it generates (gpu_memory_utilization x the GPU:
+    # its own copy of the weights and its KV cache; asleep during the other phases). None: the training
+    # model generates, with its own KV cache
+    engine_bytes: int | None = None
 
     @property
     def lora_bytes(self) -> int:
@@ -226,6 +231,10 @@ def estimate_peak_memory(shape: ModelShape, workload: Workload, setup: Setup) ->
     sequence = workload.prompt_tokens + workload.response_tokens
     kv_cache = kv_cache_bytes(shape, workload.generation_rows, sequence, b)
     prefill = workload.generation_rows * workload.prompt_tokens * forward_transient_bytes_per_token(shape, b)
+    if setup.engine_bytes is None:
+        generation = {"kv_cache": kv_cache, "generation_prefill": prefill}
+    else:  # vLLM generates, within its own reservation
+        generation = {"vllm_engine": setup.engine_bytes}
 
     # no-grad log-prob passes, logprob_batch_size rows at a time; the teacher's prompt is the longer one
     pass_sequence = sequence + (workload.privileged_tokens if workload.with_teacher else 0)
@@ -261,15 +270,14 @@ def estimate_peak_memory(shape: ModelShape, workload: Workload, setup: Setup) ->
         "weights": weights,
         "lora_and_adamw": lora_state,
         "lora_gradients": lora_grads,
-        "kv_cache": kv_cache,
-        "generation_prefill": prefill,
+        **generation,
         "logprob_pass": passes,
         "activations": activations,
         "backward_workspace": backward_workspace,
         "logprob_head": head,
     }
     phases = {
-        "generation": resident + kv_cache + prefill,
+        "generation": resident + sum(generation.values()),
         "passes": resident + passes,
         "update": resident + update,
     }
@@ -348,7 +356,9 @@ def workload_for_run(config, max_turns: int, privileged_tokens: int = ASSUMED_PR
     )
 
 
-def setup_for_run(config, device: str, dtype_bytes: int) -> Setup:
+def setup_for_run(config, device: str, dtype_bytes: int, gpu_bytes: int | None = None) -> Setup:
+    """The run's Setup; with rollout.engine: vllm on a GPU of `gpu_bytes`, vLLM's share of it while generating."""
+    vllm_on_gpu = config.rollout.engine == "vllm" and device == "cuda" and gpu_bytes is not None
     return Setup(
         device=device,
         dtype_bytes=dtype_bytes,
@@ -356,4 +366,5 @@ def setup_for_run(config, device: str, dtype_bytes: int) -> Setup:
         lora_r=config.model.lora.r,
         lora_modules=lora_modules(config.model.lora.target_modules),
         gradient_checkpointing=config.train.gradient_checkpointing,
+        engine_bytes=round(config.rollout.vllm.gpu_memory_utilization * gpu_bytes) if vllm_on_gpu else None,
     )
