@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 
 import pytest
@@ -502,12 +503,14 @@ def test_no_train_reports_the_finished_runs_and_trains_nothing(tiny_model_dir, t
     report = run("--no-train")
     assert report.exit_code == 0, report.output
     said = " ".join(report.output.split())
-    assert "sdar-seed0: not finished (1 of 2 steps), left out (--no-train)." in said
-    assert "grpo-seed1: not finished (0 of 2 steps), left out (--no-train)." in said
-    assert "sdar-seed1: not finished (0 of 2 steps)" in said and "training" not in report.output
+    assert "sdar-seed0: stopped at step 1 of 2 (last whole checkpoint: checkpoint-1); left out (--no-train)." in said
+    assert "grpo-seed1: not started; left out (--no-train)." in said
+    assert "sdar-seed1: not started" in said and "training" not in report.output
     results = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["seed"]) for r in results["runs"]] == [("grpo", 0)]
-    assert results["methods_done"] == ["grpo"] and results["seeds_done"] == [0] and not results["complete"]
+    # seed 0 lacks sdar: no seed is done for every method
+    assert results["methods_done"] == ["grpo"] and results["seeds_done"] == [] and not results["complete"]
+    assert "Partial: no seed done for every method yet (seeds 0, 1)" in " ".join((out / "results.md").read_text().split())
     assert not (out / "grpo-seed1").exists() and not (out / "sdar-seed1").exists()
     assert max(r["step"] for r in read_metrics(out / "sdar-seed0")) == 1
     # the same command without --no-train trains what is missing (and resumes sdar-seed0 at its step 1)
@@ -517,6 +520,22 @@ def test_no_train_reports_the_finished_runs_and_trains_nothing(tiny_model_dir, t
     assert [(r["method"], r["seed"]) for r in results["runs"]] == [("grpo", 0), ("grpo", 1), ("sdar", 0), ("sdar", 1)]
     assert results["complete"] and "Resuming from" in full.output
     assert max(r["step"] for r in read_metrics(out / "sdar-seed0")) == 2
+    # metrics that reach the last step without its checkpoint (lost to a kill while saving): not finished
+    shutil.rmtree(out / "sdar-seed1" / "checkpoint-2")
+    report = run("--no-train")
+    assert report.exit_code == 0, report.output
+    assert ("sdar-seed1: stopped at step 2 of 2 (last whole checkpoint: checkpoint-1); left out (--no-train)."
+            in " ".join(report.output.split()))
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [("grpo", 0), ("grpo", 1), ("sdar", 0)]
+    assert results["seeds_done"] == [0] and not results["complete"]
+    # one sdar compare per output folder at a time
+    from sdar_cli.resume import run_lock
+
+    with run_lock(out):
+        busy = run("--no-train")
+    assert busy.exit_code == 2 and "Traceback" not in busy.output
+    assert f"is in use by another sdar compare (pid {os.getpid()})" in " ".join(busy.output.split())
 
 
 def _two_method_spec(tmp_path, tiny_model_dir, **extra):
@@ -530,15 +549,15 @@ def _two_method_spec(tmp_path, tiny_model_dir, **extra):
     return tmp_path / "spec.yaml"
 
 
-def test_ctrl_c_during_a_run_exits_130_and_says_how_to_resume(tiny_model_dir, tmp_path):
-    import os
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_during_a_run_exits_130_and_says_how_to_resume(tiny_model_dir, tmp_path, stop):
     import signal
     import subprocess
     import sys
     import time
     from pathlib import Path
 
-    spec = _two_method_spec(tmp_path, tiny_model_dir, **{"train.max_steps": "4", "train.save_steps": "10"})
+    spec = _two_method_spec(tmp_path, tiny_model_dir, **{"train.max_steps": "50", "train.save_steps": "100"})
     out = tmp_path / "out"
     process = subprocess.Popen([sys.executable, "-m", "sdar_cli", "compare", str(spec), "-o", str(out)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -547,14 +566,14 @@ def test_ctrl_c_during_a_run_exits_130_and_says_how_to_resume(tiny_model_dir, tm
     deadline = time.time() + 240
     while time.time() < deadline and not (metrics.is_file() and metrics.read_text().strip()):
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(getattr(signal, stop))
     output, _ = process.communicate(timeout=240)
     assert process.returncode == 130, output
     done = len(metrics.read_text().splitlines())
     said = " ".join(output.split())
-    assert "Traceback" not in output and "did not finish" not in said
-    assert (f"grpo-seed0 interrupted at step {done} of 4 (last checkpoint: checkpoint-{done}). Re-run the same sdar "
-            "compare command to resume it") in said
+    assert "Traceback" not in output and "did not finish" not in said and 1 <= done < 50
+    assert (f"grpo-seed0 interrupted: stopped at step {done} of 50 (last whole checkpoint: checkpoint-{done}). Re-run "
+            "the same sdar compare command to resume it") in said
     assert not (out / "sdar-seed0").exists() and not (out / "results.json").exists()
 
 

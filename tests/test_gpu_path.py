@@ -200,7 +200,14 @@ def test_dry_run_counts_vllms_share_of_the_gpu_while_generating(tmp_path, monkey
 
     import sdar_cli.run as run_module
     from sdar_cli.models import load_model_config
-    from sdar_cli.perf.memory import ModelShape, estimate_peak_memory, setup_for_run, workload_for_run
+    from sdar_cli.perf.memory import (
+        ModelShape,
+        estimate_peak_memory,
+        kv_cache_bytes,
+        setup_for_run,
+        weight_bytes,
+        workload_for_run,
+    )
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=80 * 2**30))
@@ -228,16 +235,38 @@ def test_dry_run_counts_vllms_share_of_the_gpu_while_generating(tmp_path, monkey
     warnings, text = dry_run(vllm)
     assert warnings == [] and "vLLM takes rollout.vllm.gpu_memory_utilization=0.3 of the GPU" in text
     assert "Fits the visible GPU" in text
+    gpu = 80 * 2**30
+    highest = int((0.9 * gpu - resident) / gpu * 100) / 100
+    vllm_needs = weight_bytes(shape, 2, True) + kv_cache_bytes(shape, 1, 2048 + 512, 2)
+    lowest = -(-vllm_needs * 100 // gpu) / 100
+    assert 0 < lowest < 0.3 < highest < 0.9
     vllm.rollout.vllm.gpu_memory_utilization = 0.9
     [warning], text = dry_run(vllm)
-    room = int((0.9 * 80 * 2**30 - resident) / (80 * 2**30) * 100) / 100
-    assert 0.3 < room < 0.9
-    assert warning.startswith("while generating, vLLM's share (0.9 of the GPU: 72.00 GiB) beside the training model's "
-                              f"{resident / 2**30:.2f} GiB will not fit the visible GPU (an 80 GiB GPU, 80.00 GiB).")
-    assert f"To fit, set rollout.vllm.gpu_memory_utilization={room:.2f} or lower" in warning
+    assert warning == (f"while generating, vLLM's share (0.9 of the GPU: 72.00 GiB) beside the training model's "
+                       f"{resident / 2**30:.2f} GiB will not fit the visible GPU (an 80 GiB GPU, 80.00 GiB). To fit, set "
+                       f"rollout.vllm.gpu_memory_utilization between {lowest:.2f} and {highest:.2f}.")
     assert "Fits the visible GPU" not in text
-    vllm.rollout.vllm.gpu_memory_utilization = room
-    assert dry_run(vllm)[0] == []
+    for share in (lowest, highest):
+        vllm.rollout.vllm.gpu_memory_utilization = share
+        assert dry_run(vllm)[0] == []
+    # a share below vLLM's own weights and one longest sequence's KV cache: it would not start, though it "fits"
+    vllm.rollout.vllm.gpu_memory_utilization = 0.05
+    [warning], text = dry_run(vllm)
+    assert warning.startswith("vLLM's share (0.05 of the GPU: 4.00 GiB) is smaller than its weights and one "
+                              f"2560-token sequence's KV cache ({vllm_needs / 2**30:.2f} GiB): the engine would not start.")
+    assert "Fits the visible GPU" not in text
+    # the training phases overflowing too (2 micro-batches): each warning names its own fix
+    vllm.rollout.vllm.gpu_memory_utilization = 0.9
+    vllm.train.micro_batches = 2
+    share_warning, phases_warning = dry_run(vllm)[0]
+    assert share_warning.startswith("while generating, vLLM's share (0.9")
+    assert phases_warning.startswith("the training phases' peak (update)") and "train.micro_batches=" in phases_warning
+    # on a 6 GiB GPU no share fits beside the training model
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=6 * 2**30))
+    vllm.train.micro_batches = 16
+    warnings, _ = dry_run(vllm)
+    assert warnings[0].endswith(f"No share fits beside the training model's {resident / 2**30:.2f} GiB on this GPU: "
+                                "use rollout.engine: hf.")  # the model is 4-bit already: not suggested again
     # without a visible GPU the share is named, not guessed
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     warnings, text = dry_run(vllm)

@@ -506,8 +506,11 @@ def compare_methods(
                           highlight=False, soft_wrap=True)
 
         try:
-            results = compare(spec, destination, chosen_seeds, chosen_methods, console, reevaluate=reevaluate,
-                              on_seed_done=so_far, train_missing=not no_train)
+            # Ctrl-C / SIGTERM: a run in training checkpoints and stops (its own handler); elsewhere (loading,
+            # evaluating) the comparison stops once the environment calls in progress return
+            with _stop_on_interrupt("the comparison"):
+                results = compare(spec, destination, chosen_seeds, chosen_methods, console, reevaluate=reevaluate,
+                                  on_seed_done=so_far, train_missing=not no_train)
         except CompareInterrupted as err:
             console.print(f"[yellow]{escape(str(err))}[/yellow]", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None

@@ -26,9 +26,10 @@ episode with the same seed's run of `paired_against` (the first method by defaul
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,17 @@ from .atomic import staged_file
 from .config import ConfigError, RunConfig, load_config
 from .evaluate import evaluate_targets
 from .models import ModelLoadError, load_model_config
-from .resume import changed_settings
-from .run import RunDirError, describe_changes, latest_checkpoint, read_saved_config, refused_changes, train
-from .rundir import CONFIG_FILE, read_metrics
+from .resume import RunInUse, changed_settings, run_lock
+from .run import (
+    RunDirError,
+    checkpoint_step,
+    describe_changes,
+    latest_checkpoint,
+    read_saved_config,
+    refused_changes,
+    train,
+)
+from .rundir import CONFIG_FILE, METRICS_FILE, read_metrics
 from .stats import PairedCounts, paired_counts
 from .targets import TargetError, resolve_target
 
@@ -252,9 +261,35 @@ def mean_and_std(values: list[float]) -> tuple[float, float | None]:
 
 
 def finished(run_dir: Path, config: RunConfig) -> bool:
-    """Has the run in `run_dir` trained all of config's train.max_steps, with a checkpoint to evaluate?"""
+    """Has the run in `run_dir` trained all of config's train.max_steps, with its final checkpoint whole?"""
     done_steps = [r["step"] for r in read_metrics(run_dir)]  # a torn last line: resumed and repaired by train
-    return bool(done_steps) and max(done_steps) >= config.train.max_steps and latest_checkpoint(run_dir) is not None
+    last = latest_checkpoint(run_dir)
+    return (bool(done_steps) and max(done_steps) >= config.train.max_steps and last is not None
+            and checkpoint_step(last) >= config.train.max_steps)
+
+
+def unfinished_state(run_dir: Path, config: RunConfig) -> str:
+    """Where an unfinished run stands, in words: 'not started', 'stopped at step 12 of 20 (...)'."""
+    if not (run_dir / CONFIG_FILE).is_file():
+        return "not started"
+    steps = [r["step"] for r in read_metrics(run_dir)]
+    last = latest_checkpoint(run_dir)
+    saved = f"last whole checkpoint: {last.name}" if last else "no whole checkpoint"
+    if not steps:
+        return f"started, no step logged or {METRICS_FILE} unreadable ({saved})"
+    return f"stopped at step {max(steps)} of {config.train.max_steps} ({saved})"
+
+
+@contextlib.contextmanager
+def comparison_lock(output_dir: Path) -> Iterator[None]:
+    """Hold OUTPUT for one `sdar compare` at a time (CompareError naming the holder otherwise): two on the same
+    folder would overwrite each other's results and evaluation cache."""
+    try:
+        with run_lock(output_dir):
+            yield
+    except RunInUse as err:
+        raise CompareError(f"{output_dir} is in use by another sdar compare ({err}); wait for it to end or stop it "
+                           "(Ctrl-C), then run this command again.") from None
 
 
 def compare(
@@ -296,67 +331,73 @@ def compare(
             + f", not with --seeds {','.join(map(str, chosen_seeds))}."
         )
     check_references(spec, config_path)
-    configs = {}
-    for seed, method in chosen_runs:  # every run already on disk is checked before anything trains
-        run_dir = output_dir / run_name(method, seed)
-        overrides = [*spec.overrides, *spec.overrides_of(method), f"train.seed={seed}", f"output.dir={run_dir}"]
-        configs[seed, method] = load_config(config_path, overrides)
-        check_existing_run(configs[seed, method], run_dir, run_name(method, seed))
-    if not train_missing:
-        unfinished = [(seed, method) for seed, method in chosen_runs
-                      if not finished(output_dir / run_name(method, seed), configs[seed, method])]
-        for seed, method in unfinished:
-            steps = [r["step"] for r in read_metrics(output_dir / run_name(method, seed))]
-            console.print(f"{run_name(method, seed)}: not finished ({max(steps, default=0)} of "
-                          f"{configs[seed, method].train.max_steps} steps), left out (--no-train).", highlight=False)
-        chosen_runs = [run for run in chosen_runs if run not in unfinished]
-        if not chosen_runs:
-            raise CompareError(f"--no-train: no finished run to report in {output_dir}. Run the same command "
-                               "without --no-train to train them.")
-    if spec.pairing_method not in chosen_methods:
-        console.print(f"Not paired with {spec.pairing_method}: it is not among --methods. Add it to pair the runs "
-                      "episode by episode; its finished runs are kept, not trained again.",
-                      highlight=False, soft_wrap=True)
-
-    runs: list[dict[str, Any]] = []
-    played: set[str] = set()  # targets evaluated (or, with reevaluate, played again) by this command
-    results: dict[str, Any] = {}
-    seeds_with_runs = list(dict.fromkeys(seed for seed, _ in chosen_runs))
-    # seed by seed, every method once per seed: a comparison stopped part-way has the same seeds for all methods
-    for seed in seeds_with_runs:
-        for method in [m for s, m in chosen_runs if s == seed]:
+    with comparison_lock(output_dir):
+        configs = {}
+        for seed, method in chosen_runs:  # every run already on disk is checked before anything trains
             run_dir = output_dir / run_name(method, seed)
-            config = configs[seed, method]
-            if finished(run_dir, config):
-                done_steps = max(r["step"] for r in read_metrics(run_dir))
-                console.print(f"{run_name(method, seed)}: already trained ({done_steps} steps), kept.")
-            else:
-                console.print(f"[bold]{run_name(method, seed)}[/bold]: training {config.train.max_steps} steps.")
-                outcome = train(config, run_dir, resume=(run_dir / CONFIG_FILE).is_file(), console=console)
-                if outcome.exit_code == 130:
-                    last = latest_checkpoint(run_dir)
-                    raise CompareInterrupted(
-                        f"{run_name(method, seed)} interrupted at step {outcome.last_step} of {config.train.max_steps} "
-                        f"({f'last checkpoint: {last.name}' if last else 'no checkpoint yet'}). Re-run the same sdar "
-                        "compare command to resume it; finished runs and evaluations are kept."
-                    )
-                if outcome.exit_code != 0:
-                    raise CompareError(f"{run_name(method, seed)} did not finish: {outcome.message}")
-            metrics = read_metrics(run_dir, strict=True)
-            runs.append(
-                {
-                    "method": method,
-                    "seed": seed,
-                    "run_dir": str(run_dir),
-                    "train_seconds": sum(r.get("step_seconds") or 0.0 for r in metrics),
-                    "curve": [{key: finite_or_none(r.get(key)) for key in CURVE_KEYS} for r in metrics],
-                }
-            )
-        results = _evaluate(spec, spec_path, config_path, output_dir, runs, chosen_methods, chosen_seeds, console,
-                            reevaluate, played)
-        if on_seed_done is not None and seed != seeds_with_runs[-1]:
-            on_seed_done(results)
-    return results
+            overrides = [*spec.overrides, *spec.overrides_of(method), f"train.seed={seed}", f"output.dir={run_dir}"]
+            configs[seed, method] = load_config(config_path, overrides)
+            check_existing_run(configs[seed, method], run_dir, run_name(method, seed))
+        if not train_missing:
+            unfinished = [(seed, method) for seed, method in chosen_runs
+                          if not finished(output_dir / run_name(method, seed), configs[seed, method])]
+            for seed, method in unfinished:
+                state = unfinished_state(output_dir / run_name(method, seed), configs[seed, method])
+                console.print(f"{run_name(method, seed)}: {state}; left out (--no-train).", highlight=False,
+                              soft_wrap=True)
+            chosen_runs = [run for run in chosen_runs if run not in unfinished]
+            if not chosen_runs:
+                raise CompareError(f"--no-train: no finished run to report in {output_dir}. Run the same command "
+                                   "without --no-train to train them.")
+        if spec.pairing_method not in chosen_methods:
+            console.print(f"Not paired with {spec.pairing_method}: it is not among --methods. Add it to pair the runs "
+                          "episode by episode; its finished runs are kept, not trained again.",
+                          highlight=False, soft_wrap=True)
+
+        runs: list[dict[str, Any]] = []
+        played: set[str] = set()  # targets evaluated (or, with reevaluate, played again) by this command
+        results: dict[str, Any] = {}
+        seeds_with_runs = list(dict.fromkeys(seed for seed, _ in chosen_runs))
+        # seed by seed, every method once per seed: a comparison stopped part-way has the same seeds for all methods
+        for seed in seeds_with_runs:
+            for method in [m for s, m in chosen_runs if s == seed]:
+                run_dir = output_dir / run_name(method, seed)
+                config = configs[seed, method]
+                if finished(run_dir, config):
+                    done_steps = max(r["step"] for r in read_metrics(run_dir))
+                    console.print(f"{run_name(method, seed)}: already trained ({done_steps} steps), kept.")
+                else:
+                    console.print(f"[bold]{run_name(method, seed)}[/bold]: training {config.train.max_steps} steps.")
+                    outcome = train(config, run_dir, resume=(run_dir / CONFIG_FILE).is_file(), console=console)
+                    if outcome.exit_code == 130:
+                        name = run_name(method, seed)
+                        if finished(run_dir, config):  # the signal came during the last step
+                            raise CompareInterrupted(
+                                f"{name} finished ({config.train.max_steps} steps), then the comparison was interrupted "
+                                "before evaluating. Re-run the same sdar compare command to evaluate and go on; finished "
+                                "runs and evaluations are kept."
+                            )
+                        raise CompareInterrupted(
+                            f"{name} interrupted: {unfinished_state(run_dir, config)}. Re-run the same sdar "
+                            "compare command to resume it; finished runs and evaluations are kept."
+                        )
+                    if outcome.exit_code != 0:
+                        raise CompareError(f"{run_name(method, seed)} did not finish: {outcome.message}")
+                metrics = read_metrics(run_dir, strict=True)
+                runs.append(
+                    {
+                        "method": method,
+                        "seed": seed,
+                        "run_dir": str(run_dir),
+                        "train_seconds": sum(r.get("step_seconds") or 0.0 for r in metrics),
+                        "curve": [{key: finite_or_none(r.get(key)) for key in CURVE_KEYS} for r in metrics],
+                    }
+                )
+            results = _evaluate(spec, spec_path, config_path, output_dir, runs, chosen_methods, chosen_seeds, console,
+                                reevaluate, played)
+            if on_seed_done is not None and seed != seeds_with_runs[-1]:
+                on_seed_done(results)
+        return results
 
 
 def _evaluate(
@@ -430,9 +471,11 @@ def _evaluate(
             # pooled episodes are not independent, and seeds are too few to test over
             pooled = sum(pairs[1:], pairs[0])
             summary[method]["paired"] = {"against": spec.pairing_method, "seeds": len(pairs), **vars(pooled)}
-    trained_seeds = {run["seed"] for run in runs}
-    seeds_done = [seed for seed in dict.fromkeys([*spec.seeds, *chosen_seeds]) if seed in trained_seeds]
     trained = {(run["method"], run["seed"]) for run in runs}
+    # a seed is done when every chosen method that trains with it has its run (--no-train can leave one out)
+    seeds_done = [seed for seed in dict.fromkeys([*spec.seeds, *chosen_seeds])
+                  if any(s == seed for _, s in trained)
+                  and all((m, seed) in trained for m in chosen_methods if spec.trains_with(m, seed))]
     planned = {(method, seed) for method in spec.methods for seed in spec.seeds_of(method)}
     return {
         "spec": spec.model_dump(),
@@ -498,7 +541,10 @@ def partial_note(results: dict[str, Any]) -> str | None:
     if results.get("complete", True):
         return None
     done, planned = results["seeds_done"], results["seeds"]
-    note = f"Partial: seeds {', '.join(map(str, done))} done of {', '.join(map(str, planned))}"
+    if done:
+        note = f"Partial: seeds {', '.join(map(str, done))} done of {', '.join(map(str, planned))}"
+    else:
+        note = f"Partial: no seed done for every method yet (seeds {', '.join(map(str, planned))})"
     methods = results["spec"]["methods"]
     if len(results.get("methods_done", methods)) < len(methods):
         note += f"; methods {', '.join(results['methods_done'])} of {', '.join(methods)}"

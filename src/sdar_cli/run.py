@@ -378,7 +378,6 @@ def dry_run(config: RunConfig, console: Console | None = None) -> list[str]:
         advice_to_fit,
         estimate_peak_memory,
         setup_for_run,
-        weight_bytes,
         workload_for_run,
     )
 
@@ -467,19 +466,12 @@ def dry_run(config: RunConfig, console: Console | None = None) -> list[str]:
         # the CUDA context, the allocator's fragmentation and other processes need room as well
         budget = FIT_FRACTION * capacity
         rest, rest_setup = estimate, setup
+        fit_warnings = len(warnings)
         if setup.engine_bytes is not None:
             # vLLM's share is fixed by one setting: checked on its own, the other phases without it
-            resident = estimate.components["weights"] + estimate.components["lora_and_adamw"]
-            if estimate.phases["generation"] > budget:
-                room = math.floor((budget - resident) / capacity * 100) / 100
-                warnings.append(
-                    f"while generating, vLLM's share ({config.rollout.vllm.gpu_memory_utilization} of the GPU: "
-                    f"{_gib(setup.engine_bytes)} GiB) beside the training model's {_gib(resident)} GiB will not fit "
-                    f"{where}. "
-                    + (f"To fit, set rollout.vllm.gpu_memory_utilization={room:.2f} or lower (vLLM needs its weights, "
-                       f"{_gib(weight_bytes(shape, setup.dtype_bytes, setup.load_in_4bit))} GiB, and a KV cache "
-                       "within it)." if room > 0 else "Load the model in 4-bit or use rollout.engine: hf.")
-                )
+            warning = _vllm_share_warning(config, shape, setup, estimate, capacity, budget, where)
+            if warning:
+                warnings.append(warning)
             rest_setup = replace(setup, engine_bytes=0)
             rest = estimate_peak_memory(shape, workload, rest_setup)
         if rest.peak > budget:
@@ -491,19 +483,47 @@ def dry_run(config: RunConfig, console: Console | None = None) -> list[str]:
                 "shorten rollout.max_prompt_tokens",
                 *([] if setup.load_in_4bit else ["load the model in 4-bit"]),
             ]
+            which = "the estimated peak" if setup.engine_bytes is None else f"the training phases' peak ({rest.peak_phase})"
             warnings.append(
-                f"the estimated peak {_gib(rest.peak)} GiB will not fit {where}. "
+                f"{which} {_gib(rest.peak)} GiB will not fit {where}. "
                 + (_fit_advice_text(advice, rest.peak) + " Otherwise " if advice else "To fit, ")
                 + (", ".join(others[:-1]) + " or " + others[-1] if len(others) > 1 else others[0])
                 + "."
             )
-        if estimate.peak <= budget:
+        if len(warnings) == fit_warnings and estimate.peak <= budget:
             console.print(f"Fits {where} with {_gib(capacity - estimate.peak)} GiB to spare.", highlight=False)
     return warnings
 
 
 #: the share of a device's memory a run may plan to use
 FIT_FRACTION = 0.9
+
+
+def _vllm_share_warning(config: RunConfig, shape, setup, estimate, capacity: int, budget: float, where: str) -> str | None:
+    """What is wrong with rollout.vllm.gpu_memory_utilization on this GPU, with the shares that would do;
+    None when it is fine. vLLM needs its weights and one longest sequence's KV cache inside its share; beside
+    the training model (weights, LoRA, AdamW) it must stay within the budget."""
+    from .perf.memory import kv_cache_bytes, weight_bytes
+
+    share = config.rollout.vllm.gpu_memory_utilization
+    resident = estimate.components["weights"] + estimate.components["lora_and_adamw"]
+    longest = config.rollout.max_prompt_tokens + config.rollout.max_new_tokens
+    vllm_needs = weight_bytes(shape, setup.dtype_bytes, setup.load_in_4bit) + kv_cache_bytes(shape, 1, longest, setup.dtype_bytes)
+    lowest = math.ceil(vllm_needs / capacity * 100) / 100
+    highest = math.floor((budget - resident) / capacity * 100) / 100
+    if setup.engine_bytes < vllm_needs:
+        problem = (f"vLLM's share ({share} of the GPU: {_gib(setup.engine_bytes)} GiB) is smaller than its weights and "
+                   f"one {longest}-token sequence's KV cache ({_gib(vllm_needs)} GiB): the engine would not start.")
+    elif estimate.phases["generation"] > budget:
+        problem = (f"while generating, vLLM's share ({share} of the GPU: {_gib(setup.engine_bytes)} GiB) beside the "
+                   f"training model's {_gib(resident)} GiB will not fit {where}.")
+    else:
+        return None
+    if lowest <= highest:
+        return f"{problem} To fit, set rollout.vllm.gpu_memory_utilization between {lowest:.2f} and {highest:.2f}."
+    options = [*([] if setup.load_in_4bit else ["load the model in 4-bit"]), "use rollout.engine: hf"]
+    return (f"{problem} No share fits beside the training model's {_gib(resident)} GiB on this GPU: "
+            + " or ".join(options) + ".")
 
 
 def _fit_advice_text(advice, peak: int) -> str:

@@ -189,5 +189,8 @@ class VLLMPolicy:
 
     def wake_up(self) -> None:
         if self._sleeping:
+            # the blocks torch's allocator cached during the update phases go back to the GPU first, or vLLM's
+            # weights and KV cache would not find them (TRL's vLLM colocation does the same before waking up)
+            torch.cuda.empty_cache()
             self.engine.wake_up()
             self._sleeping = False
