@@ -52,6 +52,22 @@ def test_truncated_importance_ratios_by_hand():
     assert sampler_logp_mismatch(train, sampler, mask).item() == pytest.approx((0.5 + 1 + 0 + 1.5 + 0) / 5)
 
 
+def test_a_sleeping_engine_wakes_after_torchs_cached_blocks_are_released(monkeypatch):
+    """On CUDA the update phases leave blocks in torch's allocator cache; they must go back to the GPU
+    before vLLM re-allocates its weights and KV cache, and only when the engine was asleep."""
+    from types import SimpleNamespace
+
+    from sdar_cli.vllm_policy import VLLMPolicy
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    policy = SimpleNamespace(_sleeping=True, engine=SimpleNamespace(wake_up=lambda: calls.append("wake_up")))
+    VLLMPolicy.wake_up(policy)
+    assert calls == ["empty_cache", "wake_up"] and not policy._sleeping
+    VLLMPolicy.wake_up(policy)  # awake already: nothing
+    assert calls == ["empty_cache", "wake_up"]
+
+
 def test_vllm_lora_rank_is_the_next_supported_one():
     assert [max_lora_rank(r) for r in (1, 4, 8, 9, 64)] == [1, 8, 8, 16, 64]
 
