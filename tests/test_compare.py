@@ -478,7 +478,8 @@ def test_no_train_reports_the_finished_runs_and_trains_nothing(tiny_model_dir, t
                       "eval.episodes": "2", "eval.batch_size": "2"})
     (tmp_path / "train.yaml").write_text("algorithm:\n  name: sdar\n")
     spec = {"config": "train.yaml", "seeds": [0, 1], "baseline": False,
-            "methods": {"grpo": ["algorithm.name=grpo"], "sdar": ["algorithm.name=sdar"]},
+            "methods": {"grpo": ["algorithm.name=grpo"], "sdar": ["algorithm.name=sdar"],
+                        "sweep": {"set": ["algorithm.name=sdar", "algorithm.sdar_coef=1.0"], "seeds": [0]}},
             "overrides": [f"{key}={value}" for key, value in overrides.items()]}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
@@ -505,7 +506,7 @@ def test_no_train_reports_the_finished_runs_and_trains_nothing(tiny_model_dir, t
     said = " ".join(report.output.split())
     assert "sdar-seed0: stopped at step 1 of 2 (last whole checkpoint: checkpoint-1); left out (--no-train)." in said
     assert "grpo-seed1: not started; left out (--no-train)." in said
-    assert "sdar-seed1: not started" in said and "training" not in report.output
+    assert "sdar-seed1: not started" in said and "sweep-seed0: not started" in said and "training" not in report.output
     results = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["seed"]) for r in results["runs"]] == [("grpo", 0)]
     # seed 0 lacks sdar: no seed is done for every method
@@ -517,11 +518,14 @@ def test_no_train_reports_the_finished_runs_and_trains_nothing(tiny_model_dir, t
     full = run()
     assert full.exit_code == 0, full.output
     results = json.loads((out / "results.json").read_text())
-    assert [(r["method"], r["seed"]) for r in results["runs"]] == [("grpo", 0), ("grpo", 1), ("sdar", 0), ("sdar", 1)]
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [("grpo", 0), ("grpo", 1), ("sdar", 0), ("sdar", 1),
+                                                                   ("sweep", 0)]
     assert results["complete"] and "Resuming from" in full.output
     assert max(r["step"] for r in read_metrics(out / "sdar-seed0")) == 2
-    # metrics that reach the last step without its checkpoint (lost to a kill while saving): not finished
+    # metrics that reach the last step without its checkpoint (lost to a kill while saving): not finished;
+    # seed 0 stays done without the sweep (a method on named seeds only is not waited for)
     shutil.rmtree(out / "sdar-seed1" / "checkpoint-2")
+    shutil.rmtree(out / "sweep-seed0" / "checkpoint-2")
     report = run("--no-train")
     assert report.exit_code == 0, report.output
     assert ("sdar-seed1: stopped at step 2 of 2 (last whole checkpoint: checkpoint-1); left out (--no-train)."
@@ -529,6 +533,8 @@ def test_no_train_reports_the_finished_runs_and_trains_nothing(tiny_model_dir, t
     results = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["seed"]) for r in results["runs"]] == [("grpo", 0), ("grpo", 1), ("sdar", 0)]
     assert results["seeds_done"] == [0] and not results["complete"]
+    assert results["methods_done"] == ["grpo", "sdar"]
+    assert "Partial: seeds 0 done of 0, 1; methods grpo, sdar of grpo, sdar, sweep" in " ".join((out / "results.md").read_text().split())
     # one sdar compare per output folder at a time
     from sdar_cli.resume import run_lock
 

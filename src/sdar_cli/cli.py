@@ -501,8 +501,8 @@ def compare_methods(
                 err_console.print(f"[yellow]Warning:[/yellow] could not write the results so far: {escape(str(err))}",
                                   highlight=False, soft_wrap=True)
                 return
-            done = ", ".join(map(str, results["seeds_done"]))
-            console.print(f"Results so far (seeds {done}) written to {', '.join(map(str, paths))}",
+            done = f" (seeds {', '.join(map(str, results['seeds_done']))})" if results["seeds_done"] else ""
+            console.print(f"Results so far{done} written to {', '.join(map(str, paths))}",
                           highlight=False, soft_wrap=True)
 
         try:
