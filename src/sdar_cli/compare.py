@@ -284,12 +284,13 @@ def unfinished_state(run_dir: Path, config: RunConfig) -> str:
 def comparison_lock(output_dir: Path) -> Iterator[None]:
     """Hold OUTPUT for one `sdar compare` at a time (CompareError naming the holder otherwise): two on the same
     folder would overwrite each other's results and evaluation cache."""
-    try:
-        with run_lock(output_dir):
-            yield
-    except RunInUse as err:
-        raise CompareError(f"{output_dir} is in use by another sdar compare ({err}); wait for it to end or stop it "
-                           "(Ctrl-C), then run this command again.") from None
+    with contextlib.ExitStack() as stack:
+        try:  # only taking the lock: a RunInUse from inside the comparison is not about OUTPUT
+            stack.enter_context(run_lock(output_dir))
+        except RunInUse as err:
+            raise CompareError(f"{output_dir} is in use by another sdar compare ({err}); wait for it to end or stop "
+                               "it (Ctrl-C), then run this command again.") from None
+        yield
 
 
 def compare(
