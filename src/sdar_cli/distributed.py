@@ -16,6 +16,7 @@ accelerate's PartialState, which the Trainer later finds already set up.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Sequence
 from datetime import timedelta
@@ -95,6 +96,17 @@ def start(cpu: bool) -> None:
     from accelerate import PartialState
 
     PartialState(cpu=cpu, timeout=COLLECTIVE_TIMEOUT)
+    # torch asks for destroy_process_group before exit: left to interpreter teardown, gloo's threads can
+    # abort a rank that finished its work ("terminate called without an active exception", seen in CI)
+    atexit.register(_stop)
+
+
+def _stop() -> None:
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # exiting anyway: a group another rank already tore down is not worth a traceback
+            pass
 
 
 def _active() -> bool:
