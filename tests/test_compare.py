@@ -473,20 +473,12 @@ def test_a_pairing_counts_each_side_and_skips_runs_without_a_partner():
 def test_no_train_reports_the_finished_runs_and_trains_nothing(tiny_model_dir, tmp_path):
     """The same spec with and without --no-train: with it, only the finished run is evaluated and the
     missing or part-trained ones are named and left alone; without it, they train."""
-    overrides = dict(part.split("=", 1) for part in TINY_OVERRIDES)
-    overrides.update({"model.name": str(tiny_model_dir), "train.max_steps": "2", "train.save_steps": "1",
-                      "eval.episodes": "2", "eval.batch_size": "2"})
-    (tmp_path / "train.yaml").write_text("algorithm:\n  name: sdar\n")
-    spec = {"config": "train.yaml", "seeds": [0, 1], "baseline": False,
-            "methods": {"grpo": ["algorithm.name=grpo"], "sdar": ["algorithm.name=sdar"],
-                        "sweep": {"set": ["algorithm.name=sdar", "algorithm.sdar_coef=1.0"], "seeds": [0]}},
-            "overrides": [f"{key}={value}" for key, value in overrides.items()]}
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    methods = {"grpo": ["algorithm.name=grpo"], "sdar": ["algorithm.name=sdar"],
+               "sweep": {"set": ["algorithm.name=sdar", "algorithm.sdar_coef=1.0"], "seeds": [0]}}
+    spec_path = _write_spec(tmp_path, tiny_model_dir, methods, [0, 1], {"train.max_steps": "2", "train.save_steps": "1"})
+    spec = yaml.safe_load(spec_path.read_text())
     out = tmp_path / "out"
-
-    def run(*args):
-        with one_torch_thread():
-            return CliRunner().invoke(app, ["compare", str(tmp_path / "spec.yaml"), "-o", str(out), *args])
+    run = _runner(spec_path, out)
 
     nothing = run("--no-train")
     assert nothing.exit_code == 2 and "Traceback" not in nothing.output
@@ -544,15 +536,27 @@ def test_no_train_reports_the_finished_runs_and_trains_nothing(tiny_model_dir, t
     assert f"is in use by another sdar compare (pid {os.getpid()})" in " ".join(busy.output.split())
 
 
-def _two_method_spec(tmp_path, tiny_model_dir, **extra):
+def _write_spec(tmp_path, tiny_model_dir, methods, seeds, extra=None, **keys):
+    """A spec over train.yaml (sdar) on the tiny model in tmp_path; returns its path."""
     overrides = dict(part.split("=", 1) for part in TINY_OVERRIDES)
-    overrides.update({"model.name": str(tiny_model_dir), "eval.episodes": "2", "eval.batch_size": "2", **extra})
+    overrides.update({"model.name": str(tiny_model_dir), "eval.episodes": "2", "eval.batch_size": "2", **(extra or {})})
     (tmp_path / "train.yaml").write_text("algorithm:\n  name: sdar\n")
-    spec = {"config": "train.yaml", "seeds": [0], "baseline": False,
-            "methods": {"grpo": ["algorithm.name=grpo"], "sdar": ["algorithm.name=sdar"]},
-            "overrides": [f"{key}={value}" for key, value in overrides.items()]}
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    spec = {"config": "train.yaml", "seeds": seeds, "baseline": False, "methods": methods,
+            "overrides": [f"{key}={value}" for key, value in overrides.items()], **keys}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return tmp_path / "spec.yaml"
+
+
+def _runner(spec_path, out):
+    def run(*args):
+        with one_torch_thread():
+            return CliRunner().invoke(app, ["compare", str(spec_path), "-o", str(out), *args])
+    return run
+
+
+def _two_method_spec(tmp_path, tiny_model_dir, **extra):
+    return _write_spec(tmp_path, tiny_model_dir, {"grpo": ["algorithm.name=grpo"], "sdar": ["algorithm.name=sdar"]},
+                       [0], extra)
 
 
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
