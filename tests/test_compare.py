@@ -600,3 +600,59 @@ def test_ctrl_c_while_evaluating_exits_130_and_keeps_the_trained_runs(tiny_model
     assert result.exit_code == 130 and "Traceback" not in result.output
     assert "Interrupted. Finished runs and evaluations are kept" in " ".join(result.output.split())
     assert [max(r["step"] for r in read_metrics(tmp_path / "out" / f"{m}-seed0")) for m in ("grpo", "sdar")] == [1, 1]
+
+
+def test_merge_reports_runs_recorded_on_another_machine_without_training_them(tiny_model_dir, tmp_path):
+    """Seed 0 trained in one folder (another machine), seed 1 in a second: the second with --merge reports
+    all four runs, seed 0's as recorded, and trains none of seed 0; without --merge it reports its own only."""
+    spec_path = _write_spec(tmp_path, tiny_model_dir, {"grpo": ["algorithm.name=grpo"], "sdar": ["algorithm.name=sdar"]},
+                            [0, 1], {"train.max_steps": "1"})
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert _runner(spec_path, first)("--seeds", "0").exit_code == 0
+    recorded = json.loads((first / "results.json").read_text())
+    run = _runner(spec_path, second)
+
+    alone = run("--seeds", "1")
+    assert alone.exit_code == 0, alone.output
+    alone_results = json.loads((second / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in alone_results["runs"]] == [("grpo", 1), ("sdar", 1)]
+    assert not alone_results["complete"] and alone_results["merged"] == []
+
+    merged = run("--merge", str(first / "results.json"))  # all seeds: seed 0 is recorded, seed 1 finished here
+    assert merged.exit_code == 0, merged.output
+    assert "training" not in merged.output and "Merged, as recorded: grpo-seed0, sdar-seed0." in merged.output
+    assert not (second / "grpo-seed0").exists() and not (second / "sdar-seed0").exists()
+    results = json.loads((second / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [("grpo", 0), ("grpo", 1), ("sdar", 0), ("sdar", 1)]
+    assert results["complete"] and results["seeds_done"] == [0, 1]
+    by_run = {(r["method"], r["seed"]): r for r in results["runs"]}
+    for old in recorded["runs"]:
+        new = by_run[old["method"], old["seed"]]
+        assert new["merged_from"] == str(first / "results.json")
+        assert new["final_episodes"] == old["final_episodes"] and new["curve"] == old["curve"]
+    assert all("merged_from" not in by_run[key] for key in (("grpo", 1), ("sdar", 1)))
+    # per method, both seeds; each sdar run paired with grpo of its own seed
+    assert results["methods"]["sdar"]["per_seed"] == [by_run["sdar", 0]["final"]["success_rate"],
+                                                      by_run["sdar", 1]["final"]["success_rate"]]
+    assert results["methods"]["sdar"]["paired"]["seeds"] == 2
+    assert results["compute"]["train_seconds"] == pytest.approx(sum(r["train_seconds"] for r in results["runs"]))
+    assert "Merged from `" in (second / "results.md").read_text()
+
+    # the same run recorded twice, a method made otherwise, another evaluation: refused, nothing trained
+    twice = run("--merge", str(first / "results.json"), "--merge", str(first / "results.json"))
+    assert twice.exit_code == 2 and "is recorded in both" in " ".join(twice.output.split())
+    other = json.loads((first / "results.json").read_text())
+    other["spec"]["methods"]["sdar"] = ["algorithm.name=sdar", "algorithm.sdar_coef=1.0"]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    renamed = run("--merge", str(tmp_path / "other.json"))
+    assert renamed.exit_code == 2 and "its 'sdar' was" in renamed.output and "Traceback" not in renamed.output
+    other = json.loads((first / "results.json").read_text())
+    other["evaluation"]["task_ids"] = list(reversed(other["evaluation"]["task_ids"]))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    tasks = run("--merge", str(tmp_path / "other.json"))
+    assert tasks.exit_code == 2 and "differs from this one in task_ids" in " ".join(tasks.output.split())
+    (tmp_path / "broken.json").write_text("{")
+    for bad in ("broken.json", "missing.json"):
+        refused = run("--merge", str(tmp_path / bad))
+        assert refused.exit_code == 2 and "Traceback" not in refused.output and "--merge" in refused.output
+    assert not (second / "grpo-seed0").exists()

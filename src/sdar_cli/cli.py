@@ -458,6 +458,11 @@ def compare_methods(
     no_train: Annotated[
         bool, typer.Option("--no-train", help="Train nothing: evaluate and report the runs that finished, name the others.")
     ] = False,
+    merge: Annotated[
+        Optional[list[Path]],
+        typer.Option("--merge", help="Another comparison's results.json (same spec, e.g. seeds trained on another "
+                     "machine): its runs are reported as recorded there, not trained again (repeatable)."),
+    ] = None,
 ) -> None:
     """Train each method with each seed on the same tasks and budget, then evaluate them all.
 
@@ -470,6 +475,8 @@ def compare_methods(
     episode by episode with the same seed's run of the spec's `paired_against`, the first method by default),
     OUTPUT/results.md (the tables in markdown) and OUTPUT/success.png (training and held-out success).
     With --no-train, the results cover the runs that finished so far (a comparison spread over sessions).
+    With --merge, runs recorded in other results.json files of the same spec join the report (the held-out
+    evaluation must match; a run finished in OUTPUT is reported instead of a recorded one).
     """
     _single_process("compare")
     _quiet_libraries()
@@ -510,7 +517,7 @@ def compare_methods(
             # evaluating) the comparison stops once the environment calls in progress return
             with _stop_on_interrupt("the comparison"):
                 results = compare(spec, destination, chosen_seeds, chosen_methods, console, reevaluate=reevaluate,
-                                  on_seed_done=so_far, train_missing=not no_train)
+                                  on_seed_done=so_far, train_missing=not no_train, merge=merge)
         except CompareInterrupted as err:
             console.print(f"[yellow]{escape(str(err))}[/yellow]", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None

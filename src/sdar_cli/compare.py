@@ -22,11 +22,15 @@ until it completes. The results file holds, per run, the held-out success of its
 and its training curve (success on the training batch of every step, from metrics.jsonl); per
 method, the mean and sample standard deviation over seeds; and every run's final checkpoint paired episode by
 episode with the same seed's run of `paired_against` (the first method by default), with an exact McNemar test.
+
+Runs recorded in another comparison's results.json (`--merge`, e.g. seeds trained on another machine) join the
+report as they were evaluated there, once the spec's methods and the held-out evaluation are shown to match.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -293,6 +297,89 @@ def comparison_lock(output_dir: Path) -> Iterator[None]:
         yield
 
 
+@dataclasses.dataclass
+class RecordedResults:
+    """Another comparison's results.json, given to --merge: its runs join this report as recorded there."""
+
+    path: Path
+    results: dict[str, Any]
+
+
+def read_recorded(path: Path, spec: CompareSpec) -> RecordedResults:
+    """Read a results.json to merge; CompareError unless it is one, and unless every method it shares with `spec`
+    was made by the same overrides (a different method under the same name would be reported as this one)."""
+    try:
+        results = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CompareError(f"--merge {path}: no such file; name the results.json of another sdar compare.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CompareError(f"--merge {path}: not readable as JSON ({err}).") from None
+    if not isinstance(results, dict) or not all(key in results for key in ("spec", "runs", "evaluation")):
+        raise CompareError(f"--merge {path}: not the results.json of an sdar compare (no spec, runs and evaluation).")
+    theirs = results["spec"]
+    if theirs.get("overrides", []) != spec.overrides:
+        raise CompareError(f"--merge {path}: its runs were trained with overrides {theirs.get('overrides', [])}, this "
+                           f"spec gives {spec.overrides}; only runs of the same comparison can be merged.")
+    for method in sorted({run["method"] for run in results["runs"]} & set(spec.methods)):
+        entry = theirs["methods"].get(method)
+        overrides = entry["set"] if isinstance(entry, dict) else entry
+        if overrides != spec.overrides_of(method):
+            raise CompareError(f"--merge {path}: its '{method}' was {overrides}, this spec's is "
+                               f"{spec.overrides_of(method)}; rename one of them, or merge only the same method.")
+    if spec.best and any("best" not in run for run in results["runs"]):
+        raise CompareError(f"--merge {path}: its runs have no best checkpoint evaluated and this spec asks for "
+                           "`best: true`; evaluate them there with the same spec, or drop `best` here.")
+    return RecordedResults(path, results)
+
+
+def recorded_runs(sources: list[RecordedResults], chosen: list[tuple[int, str]]) -> dict[tuple[int, str], dict[str, Any]]:
+    """The chosen (seed, method) runs the merged files recorded, each marked with its file; CompareError when
+    two files record the same run (which one to report is the user's choice)."""
+    recorded: dict[tuple[int, str], dict[str, Any]] = {}
+    for source in sources:
+        for run in source.results["runs"]:
+            key = (run["seed"], run["method"])
+            if key not in chosen:
+                continue
+            if key in recorded:
+                raise CompareError(f"{run_name(run['method'], run['seed'])} is recorded in both "
+                                   f"{recorded[key]['merged_from']} and {source.path}; merge one of them.")
+            recorded[key] = {**run, "merged_from": str(source.path)}
+    return recorded
+
+
+def check_recorded(source: RecordedResults, settings: dict[str, Any], baseline: dict[str, Any] | None,
+                   console: Console) -> dict[str, Any]:
+    """CompareError unless the merged file's held-out evaluation is this one (same tasks, episodes, decoding):
+    otherwise its runs' numbers and this report's would not be comparable. A model before RL that scores
+    differently there is warned about (another start model, or other hardware's sampling). What the report keeps
+    of the file."""
+    theirs = source.results["evaluation"]
+    differ = sorted(key for key in {*settings, *theirs} if settings.get(key) != theirs.get(key))
+    if differ:
+        shown = "; ".join(f"{key}: {theirs.get(key)!r} there, {settings.get(key)!r} here"
+                          for key in differ if key != "task_ids")
+        raise CompareError(f"--merge {source.path}: its held-out evaluation differs from this one in "
+                           f"{', '.join(differ)}" + (f" ({shown})" if shown else "")
+                           + "; merge only results evaluated with the same spec and evaluation settings.")
+    recorded_baseline = source.results.get("baseline")
+    if baseline and recorded_baseline and any(
+        recorded_baseline.get(key) != baseline.get(key) for key in ("model", "successes", "invalid_action_rate")
+    ):
+        console.print(
+            f"[yellow]Warning:[/yellow] the model before RL scores {baseline['successes']}/{baseline['episodes']} "
+            f"here ({escape(str(baseline['model']))}) and {recorded_baseline.get('successes')}/"
+            f"{recorded_baseline.get('episodes')} in {escape(str(source.path))} "
+            f"({escape(str(recorded_baseline.get('model')))}): its runs may have started from another model.",
+            highlight=False, soft_wrap=True,
+        )
+    return {
+        "file": str(source.path),
+        "baseline": recorded_baseline,
+        "eval_seconds": (source.results.get("compute") or {}).get("eval_seconds", 0.0),
+    }
+
+
 def compare(
     spec_path: Path,
     output_dir: Path | None = None,
@@ -302,6 +389,7 @@ def compare(
     reevaluate: bool = False,
     on_seed_done: Callable[[dict[str, Any]], None] | None = None,
     train_missing: bool = True,
+    merge: list[Path] | None = None,
 ) -> dict[str, Any]:
     """Train what is missing, evaluate everything on the same tasks, return the results (JSON-ready).
 
@@ -312,7 +400,11 @@ def compare(
     more seeds follow, `on_seed_done` receives the results so far (a comparison stopped part-way has
     held-out numbers for its finished seeds). Evaluations are kept in OUTPUT/eval-cache and reused while
     the checkpoint, model and settings are unchanged; `reevaluate` plays every target again once (and
-    refreshes the cache)."""
+    refreshes the cache).
+
+    `merge` names results.json files of other comparisons of the same spec: their runs are reported as recorded
+    there (not trained or evaluated here) unless this folder has the run finished, and the evaluation here
+    must match theirs (same tasks and settings)."""
     console = console or Console()
     spec = load_spec(spec_path)
     config_path = (spec_path.parent / spec.config).resolve()
@@ -332,6 +424,7 @@ def compare(
             + f", not with --seeds {','.join(map(str, chosen_seeds))}."
         )
     check_references(spec, config_path)
+    sources = [read_recorded(path, spec) for path in merge or []]
     with comparison_lock(output_dir):
         configs = {}
         for seed, method in chosen_runs:  # every run already on disk is checked before anything trains
@@ -339,7 +432,17 @@ def compare(
             overrides = [*spec.overrides, *spec.overrides_of(method), f"train.seed={seed}", f"output.dir={run_dir}"]
             configs[seed, method] = load_config(config_path, overrides)
             check_existing_run(configs[seed, method], run_dir, run_name(method, seed))
-        if not train_missing:
+        recorded = recorded_runs(sources, chosen_runs)
+        for seed, method in list(recorded):
+            if finished(output_dir / run_name(method, seed), configs[seed, method]):
+                console.print(f"{run_name(method, seed)}: finished here; this run is reported, not the one recorded in "
+                              f"{recorded[seed, method]['merged_from']}.", highlight=False, soft_wrap=True)
+                del recorded[seed, method]
+        chosen_runs = [run for run in chosen_runs if run not in recorded]
+        if recorded:
+            console.print(f"Merged, as recorded: {', '.join(run_name(m, s) for s, m in recorded)}.", highlight=False,
+                          soft_wrap=True)
+        if not train_missing and chosen_runs:
             unfinished = [(seed, method) for seed, method in chosen_runs
                           if not finished(output_dir / run_name(method, seed), configs[seed, method])]
             for seed, method in unfinished:
@@ -347,7 +450,7 @@ def compare(
                 console.print(f"{run_name(method, seed)}: {state}; left out (--no-train).", highlight=False,
                               soft_wrap=True)
             chosen_runs = [run for run in chosen_runs if run not in unfinished]
-            if not chosen_runs:
+            if not chosen_runs and not recorded:
                 raise CompareError(f"--no-train: no finished run to report in {output_dir}. Run the same command "
                                    "without --no-train to train them.")
         if spec.pairing_method not in chosen_methods:
@@ -395,9 +498,12 @@ def compare(
                     }
                 )
             results = _evaluate(spec, spec_path, config_path, output_dir, runs, chosen_methods, chosen_seeds, console,
-                                reevaluate, played)
+                                reevaluate, played, recorded, sources)
             if on_seed_done is not None and seed != seeds_with_runs[-1]:
                 on_seed_done(results)
+        if not seeds_with_runs:  # every chosen run was merged: only the models before RL play here
+            results = _evaluate(spec, spec_path, config_path, output_dir, [], chosen_methods, chosen_seeds, console,
+                                reevaluate, played, recorded, sources)
         return results
 
 
@@ -412,15 +518,15 @@ def _evaluate(
     console: Console,
     reevaluate: bool,
     played: set[str],
+    recorded: dict[tuple[int, str], dict[str, Any]] | None = None,
+    sources: list["RecordedResults"] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the trained runs (and the models before RL) on the held-out tasks; the results so far.
 
     `played` holds the targets this command evaluated already; they are read back from the cache and the
-    new ones are added to it."""
-    runs = sorted(
-        (dict(run) for run in trained),
-        key=lambda run: (chosen_methods.index(run["method"]), chosen_seeds.index(run["seed"])),
-    )
+    new ones are added to it. `recorded` runs (merged from `sources`) join as they were evaluated there."""
+    recorded, sources = recorded or {}, sources or []
+    runs = [dict(run) for run in trained]
     targets = [run["run_dir"] for run in runs]
     if spec.best:
         for run in runs:
@@ -434,10 +540,13 @@ def _evaluate(
     # references last: the first run decides the shared tasks and settings (and a base model's prompt format)
     targets += [model for model in dict.fromkeys(spec.references.values()) if model not in targets]
     eval_seconds: dict[str, float] = {}
-    report = evaluate_targets(
-        targets, None, [*spec.overrides, *spec.eval_overrides], console,
-        cache_dir=output_dir / EVAL_CACHE, reuse=not reevaluate, seconds=eval_seconds, reuse_names=played,
-    )
+    if targets:
+        report = evaluate_targets(
+            targets, None, [*spec.overrides, *spec.eval_overrides], console,
+            cache_dir=output_dir / EVAL_CACHE, reuse=not reevaluate, seconds=eval_seconds, reuse_names=played,
+        )
+    else:  # nothing plays here (every run merged, no model before RL): the merged evaluation is the one reported
+        report = {"settings": sources[0].results["evaluation"], "targets": []}
     played.update(targets)
     by_target = {t["target"]: t for t in report["targets"]}
     for run in runs:
@@ -451,6 +560,13 @@ def _evaluate(
         if spec.best:
             best = by_target[run.pop("best_target")] if "best_target" in run else result
             run["best"] = {"step": best["step"], "checkpoint": best["checkpoint"], **best["overall"]}
+    baseline = {"model": base_model, **by_target[base_model]["overall"]} if spec.baseline else None
+    merged = [check_recorded(source, report["settings"], baseline, console) for source in sources]
+    for run in recorded.values():
+        copy = dict(run)
+        copy.pop("paired", None)  # paired again below, with the runs of this report
+        runs.append(copy)
+    runs.sort(key=lambda run: (chosen_methods.index(run["method"]), chosen_seeds.index(run["seed"])))
     pair_runs(runs, spec.pairing_method)
     summary = {}
     for method in [m for m in chosen_methods if any(run["method"] == m for run in runs)]:
@@ -488,15 +604,17 @@ def _evaluate(
         "methods_done": [method for method in chosen_methods if method in summary],
         "complete": trained >= planned,
         "evaluation": report["settings"],
-        "baseline": {"model": base_model, **by_target[base_model]["overall"]} if spec.baseline else None,
+        "baseline": baseline,
         "references": {
             label: {"model": model, **by_target[model]["overall"]} for label, model in spec.references.items()
         },
         "methods": summary,
         "runs": runs,
+        "merged": merged,
         "compute": {
-            "train_seconds": sum(run["train_seconds"] for run in runs),
-            "eval_seconds": sum(eval_seconds.values()),  # as played, also for evaluations reused from the cache
+            "train_seconds": sum(run["train_seconds"] for run in runs),  # merged runs too
+            # as played, also for evaluations reused from the cache, plus the merged files' own
+            "eval_seconds": sum(eval_seconds.values()) + sum(m["eval_seconds"] for m in merged),
         },
     }
 
@@ -614,6 +732,11 @@ def results_markdown(results: dict[str, Any]) -> str:
         + f", eval seed {evaluation['seed']}); std is the sample standard deviation over seeds. Compute: "
         f"{compute['train_seconds'] / 3600:.2f} h training, {compute['eval_seconds'] / 3600:.2f} h evaluation.",
     ]
+    for source in results.get("merged") or []:
+        names = [run_name(run["method"], run["seed"]) for run in results["runs"] if run.get("merged_from") == source["file"]]
+        if names:
+            lines += ["", f"Merged from `{source['file']}` as recorded there (trained and evaluated there): "
+                      f"{', '.join(names)}."]
     lines += paired_markdown(results)
     if (note := partial_note(results)) is not None:
         lines += ["", f"**{note}**"]
