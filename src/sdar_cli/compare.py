@@ -364,7 +364,7 @@ def check_recorded(source: RecordedResults, settings: dict[str, Any], baseline: 
                            + "; merge only results evaluated with the same spec and evaluation settings.")
     recorded_baseline = source.results.get("baseline")
     if baseline and recorded_baseline and any(
-        recorded_baseline.get(key) != baseline.get(key) for key in ("model", "successes", "invalid_action_rate")
+        recorded_baseline.get(key) != baseline.get(key) for key in ("model", "successes", "turns_mean", "invalid_action_rate")
     ):
         console.print(
             f"[yellow]Warning:[/yellow] the model before RL scores {baseline['successes']}/{baseline['episodes']} "
