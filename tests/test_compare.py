@@ -656,3 +656,25 @@ def test_merge_reports_runs_recorded_on_another_machine_without_training_them(ti
         refused = run("--merge", str(tmp_path / bad))
         assert refused.exit_code == 2 and "Traceback" not in refused.output and "--merge" in refused.output
     assert not (second / "grpo-seed0").exists()
+
+
+def test_merge_warns_when_the_model_before_rl_scores_otherwise_there(tiny_model_dir, tmp_path):
+    spec_path = _write_spec(tmp_path, tiny_model_dir, {"grpo": ["algorithm.name=grpo"]}, [0], {"train.max_steps": "1"},
+                            baseline=True)
+    first = tmp_path / "first"
+    assert _runner(spec_path, first)("--seeds", "0").exit_code == 0
+    recorded = json.loads((first / "results.json").read_text())
+    changed = json.loads(json.dumps(recorded))
+    changed["baseline"]["successes"] = recorded["baseline"]["successes"] + 1
+    (tmp_path / "changed.json").write_text(json.dumps(changed))
+    outputs = {}
+    for name in ("results.json", "changed.json"):
+        source = first / name if name == "results.json" else tmp_path / name
+        result = _runner(spec_path, tmp_path / f"out-{name}")("--merge", str(source))
+        assert result.exit_code == 0, result.output
+        assert not (tmp_path / f"out-{name}" / "grpo-seed0").exists()  # recorded: not trained here
+        outputs[name] = " ".join(result.output.split())
+    assert "the model before RL scores" not in outputs["results.json"]
+    n = recorded["baseline"]["successes"]
+    assert f"the model before RL scores {n}/2 here" in outputs["changed.json"]
+    assert f"and {n + 1}/2 in {tmp_path / 'changed.json'}" in outputs["changed.json"]
