@@ -652,7 +652,10 @@ def test_merge_reports_runs_recorded_on_another_machine_without_training_them(ti
     tasks = run("--merge", str(tmp_path / "other.json"))
     assert tasks.exit_code == 2 and "differs from this one in task_ids" in " ".join(tasks.output.split())
     (tmp_path / "broken.json").write_text("{")
-    for bad in ("broken.json", "missing.json"):
+    other = json.loads((first / "results.json").read_text())
+    del other["runs"][0]["final_episodes"]
+    (tmp_path / "no-episodes.json").write_text(json.dumps(other))
+    for bad in ("broken.json", "missing.json", "no-episodes.json"):
         refused = run("--merge", str(tmp_path / bad))
         assert refused.exit_code == 2 and "Traceback" not in refused.output and "--merge" in refused.output
     assert not (second / "grpo-seed0").exists()

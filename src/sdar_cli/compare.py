@@ -316,6 +316,12 @@ def read_recorded(path: Path, spec: CompareSpec) -> RecordedResults:
         raise CompareError(f"--merge {path}: not readable as JSON ({err}).") from None
     if not isinstance(results, dict) or not all(key in results for key in ("spec", "runs", "evaluation")):
         raise CompareError(f"--merge {path}: not the results.json of an sdar compare (no spec, runs and evaluation).")
+    run_keys = ("method", "seed", "train_seconds", "curve", "final", "final_episodes")
+    if not isinstance(results["runs"], list) or not all(
+        isinstance(run, dict) and all(key in run for key in run_keys) for run in results["runs"]
+    ):
+        raise CompareError(f"--merge {path}: a run lacks one of {', '.join(run_keys)}; merge the results.json that "
+                           "sdar compare wrote, unedited.")
     theirs = results["spec"]
     if theirs.get("overrides", []) != spec.overrides:
         raise CompareError(f"--merge {path}: its runs were trained with overrides {theirs.get('overrides', [])}, this "
